@@ -1,0 +1,289 @@
+"""The `raymerge` command: a thin click layer, one library call per subcommand.
+
+User errors print one line (or one list) on stderr and exit 2 (usage/config) or 1 (data or
+run failure), never a traceback; RAYMERGE_DEBUG=1 shows tracebacks of unexpected errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from raymerge.errors import RaymergeError
+from raymerge.sizes import human
+
+
+def _fail(exc: RaymergeError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn RaymergeError into a clean message and exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RaymergeError as exc:
+            _fail(exc)
+        except KeyboardInterrupt:
+            click.echo("interrupted; rerun the same command to resume", err=True)
+            sys.exit(130)
+        except Exception as exc:  # a bug: say so plainly, keep the traceback one switch away
+            if os.environ.get("RAYMERGE_DEBUG"):
+                traceback.print_exc()
+            click.echo(
+                f"internal error: {type(exc).__name__}: {exc} (set RAYMERGE_DEBUG=1 for the "
+                "traceback and report it)",
+                err=True,
+            )
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="raymerge")
+def main() -> None:
+    """Merge model checkpoints (mergekit configs) on a Ray cluster."""
+
+
+def _overrides(**kwargs: Any) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("out")
+@click.option("--address", help="Ray cluster address; default: start a local Ray on 127.0.0.1")
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="worker actors (default: one per CPU, or per GPU)"
+)
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option(
+    "--gpus-per-worker",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="merge on GPUs: each worker actor holds this many",
+)
+@click.option("--shard-size", help="output shard size, e.g. 5GB (default) or 500MiB")
+@click.option("--part-size", help="work unit size, e.g. 64MiB (default)")
+@click.option("--dtype", help="output dtype (bfloat16, float16, float32); overrides the config")
+@click.option("--seed", type=click.IntRange(min=0), help="seed for random methods (default 0)")
+@click.option("--force", is_flag=True, help="overwrite raymerge's files in a non-empty OUT")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+@_guard
+def run(
+    config: str,
+    out: str,
+    address: str | None,
+    workers: int | None,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    shard_size: str | None,
+    part_size: str | None,
+    dtype: str | None,
+    seed: int | None,
+    force: bool,
+    no_progress: bool,
+) -> None:
+    """Merge the models in CONFIG into the folder OUT."""
+    from raymerge.config import load_spec
+    from raymerge.runner import RunOptions, run_merge
+
+    spec = load_spec(
+        config, _overrides(shard_size=shard_size, part_size=part_size, dtype=dtype, seed=seed)
+    )
+    for warning in spec.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    options = RunOptions(
+        address=address,
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker,
+        force=force,
+        progress=not no_progress,
+    )
+    summary = run_merge(spec, out, options, log=lambda line: click.echo(line, err=True))
+    for line in summary.lines():
+        click.echo(line)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--shard-size", help="output shard size, e.g. 5GB (default)")
+@click.option("--part-size", help="work unit size, e.g. 64MiB (default)")
+@click.option("--dtype", help="output dtype; overrides the config")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_guard
+def plan(
+    config: str, shard_size: str | None, part_size: str | None, dtype: str | None, as_json: bool
+) -> None:
+    """Show the plan for CONFIG without reading any weights."""
+    from raymerge.checkpoint import open_checkpoint
+    from raymerge.config import load_spec
+    from raymerge.plan import make_plan
+
+    spec = load_spec(config, _overrides(shard_size=shard_size, part_size=part_size, dtype=dtype))
+    checkpoints = [open_checkpoint(m.path) for m in spec.inputs]
+    the_plan = make_plan(spec, checkpoints)
+    report = {
+        "method": the_plan.method,
+        "inputs": [
+            {
+                "model": m.given,
+                "path": m.path,
+                "role": "base" if i == spec.base_index else "model",
+                "bytes": c.total_bytes,
+            }
+            for i, (m, c) in enumerate(zip(spec.inputs, checkpoints))
+        ],
+        "tensors": len(the_plan.tensors),
+        "shards": [{"name": s.name, "bytes": s.size} for s in the_plan.shards],
+        "parts": len(the_plan.parts),
+        "bytes_to_read": the_plan.bytes_to_read,
+        "bytes_to_write": the_plan.bytes_to_write,
+        "peak_worker_bytes": the_plan.peak_worker_bytes(),
+        "digest": the_plan.digest,
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for warning in spec.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(format_plan(report))
+
+
+def format_plan(report: dict[str, Any]) -> str:
+    lines = [f"method: {report['method']}", "inputs:"]
+    for item in report["inputs"]:
+        lines.append(f"  {item['role']:5} {item['model']}  ({human(item['bytes'])})")
+    lines.append(f"tensors: {report['tensors']}")
+    lines.append(f"shards: {len(report['shards'])}")
+    for shard in report["shards"]:
+        lines.append(f"  {shard['name']}  {human(shard['bytes'])}")
+    lines += [
+        f"parts (work units): {report['parts']}",
+        f"bytes to read: {human(report['bytes_to_read'])}",
+        f"bytes to write: {human(report['bytes_to_write'])}",
+        f"peak memory per worker (estimate): {human(report['peak_worker_bytes'])}",
+    ]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_guard
+def inspect(checkpoint: str, as_json: bool) -> None:
+    """List the tensors of CHECKPOINT (folder or .safetensors file) from its headers."""
+    from raymerge.checkpoint import open_checkpoint
+    from raymerge.plan import natural_key
+
+    ckpt = open_checkpoint(checkpoint)
+    rows = [ckpt.tensors[n] for n in sorted(ckpt.tensors, key=natural_key)]
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "name": t.name,
+                        "file": t.file,
+                        "dtype": t.dtype,
+                        "shape": list(t.shape),
+                        "bytes": t.nbytes,
+                    }
+                    for t in rows
+                ],
+                indent=2,
+            )
+        )
+        return
+    width = max(len(t.name) for t in rows)
+    for t in rows:
+        click.echo(
+            f"{t.name:<{width}}  {t.dtype:<5} {str(list(t.shape)):<18} "
+            f"{human(t.nbytes):>11}  {t.file}"
+        )
+    dtypes = sorted({t.dtype for t in rows})
+    click.echo(
+        f"{len(rows)} tensors in {len(ckpt.files)} file(s), {human(ckpt.total_bytes)}, "
+        f"dtypes: {', '.join(dtypes)}"
+    )
+
+
+@main.command()
+@click.argument("out")
+@_guard
+def verify(out: str) -> None:
+    """Recheck every tensor of a merge output in OUT against its tensors.parquet."""
+    from raymerge.errors import CheckpointError
+    from raymerge.index import verify as verify_output
+
+    report = verify_output(out)
+    for problem in report.problems:
+        click.echo(f"problem: {problem}", err=True)
+    if report.problems:
+        raise CheckpointError(f"{out}: {len(report.problems)} problem(s) found")
+    click.echo(
+        f"ok: {report.tensors} tensors in {report.shards} shard(s), "
+        f"{human(report.bytes_checked)} checked"
+    )
+
+
+@main.command()
+@click.argument("out")
+@click.option("--models", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--with-base", is_flag=True, help="also write the shared base as OUT/base")
+@click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--hidden", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--intermediate", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--vocab", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--shard-size", default="500MB", show_default=True)
+@click.option("--dtype", default="bfloat16", show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@_guard
+def synth(
+    out: str,
+    models: int,
+    with_base: bool,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    vocab: int,
+    shard_size: str,
+    dtype: str,
+    seed: int,
+) -> None:
+    """Write synthetic Llama-layout checkpoints (a base plus per-model deltas) under OUT."""
+    from raymerge.dtypes import parse_config_dtype, torch_dtype
+    from raymerge.sizes import parse_size
+    from raymerge.synth import SynthOptions, synthesize
+
+    options = SynthOptions(
+        models=models,
+        with_base=with_base,
+        layers=layers,
+        hidden=hidden,
+        intermediate=intermediate,
+        vocab=vocab,
+        shard_size=parse_size(shard_size, "--shard-size"),
+        seed=seed,
+        dtype=torch_dtype(parse_config_dtype(dtype, "--dtype")),
+    )
+    dirs = synthesize(out, options)
+    for role, path in dirs.items():
+        click.echo(f"{role}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Weighted average of the inputs (model soups): sum(w_i * x_i) / sum(w_i)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from raymerge.methods.base import MergeInputs, MergeMethod, Param, compute_dtype
+
+
+def merge(inputs: MergeInputs) -> torch.Tensor:
+    first = inputs.tensors[0]
+    result = torch.zeros(first.shape, dtype=compute_dtype(first), device=first.device)
+    weights = [p["weight"] for p in inputs.per_input]
+    for tensor, weight in zip(inputs.tensors, weights):
+        result.add_(tensor.to(result.dtype), alpha=weight)
+    if inputs.shared["normalize"]:
+        result.div_(sum(weights))
+    return result
+
+
+def check_weights(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> str | None:
+    """Normalizing divides by the sum of weights: it must be positive and meaningful."""
+    if not shared.get("normalize"):
+        return None
+    weights = [p["weight"] for p in per_input if "weight" in p]
+    if any(w < 0 for w in weights):
+        return (
+            f"weights {weights} include a negative weight while normalize is true; "
+            "use non-negative weights or set parameters.normalize: false"
+        )
+    if weights and sum(weights) == 0:
+        return (
+            f"weights {weights} sum to zero while normalize is true (division by zero); "
+            "give at least one positive weight"
+        )
+    return None
+
+
+METHOD = MergeMethod(
+    name="linear",
+    merge=merge,
+    params=(
+        Param("weight", float, "input", help="this model's weight"),
+        Param("normalize", bool, "shared", default=True, help="divide by the sum of weights"),
+    ),
+    base="ignored",
+    summary="weighted average: sum(w_i x_i) / sum(w_i)",
+    check=check_weights,
+)

@@ -1,0 +1,146 @@
+"""The task-vector family: theta = base + lambda * combine_i(trim(x_i - base) * w_i).
+
+One implementation, several registered names (mergekit's generalized task arithmetic): each
+name only fixes the trim, whether signs are elected, and the defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from raymerge.methods import sparsify
+from raymerge.methods.base import MergeInputs, MergeMethod, Param, compute_dtype
+
+# trim(delta, this model's parameters, inputs) -> trimmed delta (may be `delta` itself)
+Trim = Callable[[torch.Tensor, dict[str, Any], MergeInputs], torch.Tensor]
+
+
+def trim_magnitude(
+    delta: torch.Tensor, params: dict[str, Any], inputs: MergeInputs
+) -> torch.Tensor:
+    return sparsify.magnitude(delta, params["density"])
+
+
+def merge(inputs: MergeInputs, trim: Trim | None, elect_sign: bool) -> torch.Tensor:
+    base = inputs.base
+    dtype = compute_dtype(base)
+    base = base.to(dtype)
+    others = inputs.others()
+    if not others:
+        return base
+    weights = [params["weight"] for _, params in others]
+    deltas = []
+    for tensor, params in others:
+        delta = tensor.to(dtype) - base
+        if trim is not None:
+            trimmed = trim(delta, params, inputs)
+            if inputs.shared["rescale"]:
+                trimmed = sparsify.l1_rescale(delta, trimmed)
+            delta = trimmed
+        deltas.append(delta.mul_(params["weight"]))
+
+    if elect_sign:
+        mixed, divisor = _sum_agreeing(deltas, weights)
+    else:
+        mixed = _sum(deltas)
+        divisor = sum(weights)
+        if abs(divisor) < 1e-8:
+            divisor = 1.0
+    if inputs.shared["normalize"]:
+        mixed.div_(divisor)
+    if inputs.shared["lambda"] != 1:
+        mixed.mul_(inputs.shared["lambda"])
+    return mixed.add_(base)
+
+
+def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    total = tensors[0].clone()
+    for tensor in tensors[1:]:
+        total.add_(tensor)
+    return total
+
+
+def _sum_agreeing(
+    deltas: list[torch.Tensor], weights: list[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES sign election by summed mass (a zero sum elects +), then the agreeing sum."""
+    positive = _sum(deltas) >= 0
+    mixed = torch.zeros_like(deltas[0])
+    divisor = torch.zeros_like(deltas[0])
+    for delta, weight in zip(deltas, weights):
+        agrees = torch.where(positive, delta > 0, delta < 0)
+        mixed.add_(delta * agrees)
+        divisor.add_(agrees, alpha=weight)
+    divisor[divisor == 0] = 1
+    return mixed, divisor
+
+
+def family_params(default_normalize: bool, default_rescale: bool) -> tuple[Param, ...]:
+    return (
+        Param("weight", float, "non_base", help="this model's weight"),
+        Param(
+            "density",
+            float,
+            "non_base",
+            default=1.0,
+            low=0.0,
+            high=1.0,
+            help="fraction of the task vector kept",
+        ),
+        Param(
+            "normalize",
+            bool,
+            "shared",
+            default=default_normalize,
+            help="divide by the sum of (agreeing) weights",
+        ),
+        Param(
+            "rescale",
+            bool,
+            "shared",
+            default=default_rescale,
+            help="rescale a trimmed task vector to its original L1 norm",
+        ),
+        Param("lambda", float, "shared", default=1.0, help="scale of the merged task vector"),
+        Param(
+            "int8_mask",
+            bool,
+            "shared",
+            default=False,
+            help="accepted for mergekit configs; memory only, no effect here",
+        ),
+    )
+
+
+def make(
+    name: str,
+    summary: str,
+    trim: Trim | None,
+    elect_sign: bool,
+    default_normalize: bool,
+    default_rescale: bool,
+    extra: tuple[Param, ...] = (),
+) -> MergeMethod:
+    def merge_fn(inputs: MergeInputs) -> torch.Tensor:
+        return merge(inputs, trim, elect_sign)
+
+    return MergeMethod(
+        name=name,
+        merge=merge_fn,
+        params=family_params(default_normalize, default_rescale) + extra,
+        base="required",
+        summary=summary,
+    )
+
+
+TASK_ARITHMETIC = make(
+    "task_arithmetic",
+    "base + lambda * sum(w_i (x_i - base))",
+    trim=None,
+    elect_sign=False,
+    default_normalize=False,
+    default_rescale=False,
+)

@@ -1,0 +1,127 @@
+"""Doing one part: read its input tensors, merge each, write the part's bytes in place.
+
+`run_part` is a plain function (tests and the planner's peers call it without Ray); the Ray
+actor in `runner.py` only wraps it. Tensors never leave the worker: it returns checksums and
+timings, and writes the bytes straight to the destination.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+from raymerge.dtypes import torch_dtype
+from raymerge.errors import MergeFailed
+from raymerge.methods import REGISTRY
+from raymerge.methods.base import MergeInputs
+from raymerge.plan import OutputTensor, Part
+from raymerge.storage import open_destination, open_source
+from raymerge.storage.base import Destination, Source
+
+
+@dataclass(frozen=True)
+class WorkContext:
+    """What every worker needs besides the part itself; sent once per actor."""
+
+    method: str
+    seed: int
+    inputs: tuple[str, ...]  # source roots, indexed by InputTensor.input
+    destination: str
+    shard_names: tuple[str, ...]
+    shard_tokens: tuple[str, ...]  # what Destination.write_part needs, per shard
+    device: str = "cpu"
+
+
+@dataclass
+class PartResult:
+    key: str
+    shard: int
+    number: int
+    receipt: str
+    checksums: dict[str, str]
+    bytes_read: int
+    bytes_written: int
+    seconds_read: float = 0.0
+    seconds_merge: float = 0.0
+    seconds_write: float = 0.0
+    worker: str = field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
+
+
+def checksum(data) -> str:
+    """CRC-32 of a tensor's bytes, as recorded in tensors.parquet."""
+    return f"{zlib.crc32(data):08x}"
+
+
+class PartRunner:
+    """Holds the open sources and destination for a worker's lifetime."""
+
+    def __init__(self, context: WorkContext) -> None:
+        self.context = context
+        self.sources: list[Source] = [open_source(root) for root in context.inputs]
+        self.destination: Destination = open_destination(context.destination)
+        self.device = torch.device(context.device)
+        self.method = REGISTRY[context.method]
+
+    def run(self, part: Part) -> PartResult:
+        buffer = torch.empty(part.nbytes, dtype=torch.uint8)
+        view = buffer.numpy()
+        if part.header:
+            view[: len(part.header)] = memoryview(part.header)
+        result = PartResult(part.key, part.shard, part.number, "", {}, 0, part.nbytes)
+        for tensor in part.tensors:
+            lo, hi = tensor.start - part.start, tensor.end - part.start
+            self._fill(tensor, buffer[lo:hi], result)
+            result.checksums[tensor.name] = checksum(view[lo:hi])
+        started = time.perf_counter()
+        result.receipt = self.destination.write_part(
+            self.context.shard_names[part.shard],
+            self.context.shard_tokens[part.shard],
+            part.number,
+            part.start,
+            view,
+        )
+        result.seconds_write = time.perf_counter() - started
+        return result
+
+    def _fill(self, tensor: OutputTensor, out: torch.Tensor, result: PartResult) -> None:
+        started = time.perf_counter()
+        if tensor.op == "copy":
+            source = tensor.sources[0]
+            self._read_into(source.input, source.file, source.start, out)
+            result.bytes_read += out.numel()
+            result.seconds_read += time.perf_counter() - started
+            return
+        inputs = []
+        for source in tensor.sources:
+            raw = torch.empty(source.end - source.start, dtype=torch.uint8)
+            self._read_into(source.input, source.file, source.start, raw)
+            result.bytes_read += raw.numel()
+            inputs.append(raw.view(torch_dtype(source.dtype)).reshape(source.shape).to(self.device))
+        read_done = time.perf_counter()
+        result.seconds_read += read_done - started
+        merged = self.method.merge(
+            MergeInputs(
+                tensor.name,
+                inputs,
+                tensor.base,
+                tensor.shared,
+                list(tensor.per_input),
+                self.context.seed,
+            )
+        )
+        if tuple(merged.shape) != tensor.shape:
+            raise MergeFailed(
+                f"{self.context.method} returned shape {list(merged.shape)} for {tensor.name!r}, "
+                f"expected {list(tensor.shape)}"
+            )
+        merged = merged.to(torch_dtype(tensor.dtype)).contiguous().cpu()
+        out.copy_(merged.reshape(-1).view(torch.uint8))
+        result.seconds_merge += time.perf_counter() - read_done
+
+    def _read_into(self, input_index: int, file: str, start: int, out: torch.Tensor) -> None:
+        if out.numel():
+            self.sources[input_index].readinto(file, start, memoryview(out.numpy()))

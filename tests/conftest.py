@@ -1,0 +1,71 @@
+"""Shared fixtures: one local Ray per test session, small generated checkpoints, helpers."""
+
+from __future__ import annotations
+
+import os
+
+# Before Ray is imported anywhere: no usage stats, no token auth, loopback only.
+os.environ.update(
+    RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"
+)
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from raymerge.synth import SynthOptions, synthesize  # noqa: E402
+
+RAY_CPUS = 4
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray for the whole session, with a small fixed CPU count."""
+    import ray
+
+    ray.init(
+        num_cpus=RAY_CPUS,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, str]:
+    """Three small Llama-layout models plus their base, several shards each."""
+    out = tmp_path_factory.mktemp("models")
+    options = SynthOptions(
+        models=3,
+        with_base=True,
+        layers=3,
+        hidden=64,
+        intermediate=96,
+        vocab=320,
+        shard_size=60_000,
+        seed=7,
+    )
+    return synthesize(str(out), options)
+
+
+def write_config(path, body: dict) -> str:
+    path = str(path)
+    with open(path, "w") as f:
+        yaml.safe_dump(body, f, sort_keys=False)
+    return path
+
+
+def ties_config(models: dict[str, str], **parameters) -> dict:
+    return {
+        "merge_method": "ties",
+        "base_model": models["base"],
+        "models": [
+            {"model": models["model_1"], "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": models["model_2"], "parameters": {"weight": 0.7, "density": 0.3}},
+            {"model": models["model_3"], "parameters": {"weight": 0.4, "density": 0.9}},
+        ],
+        "parameters": parameters,
+        "dtype": "bfloat16",
+    }

@@ -1,0 +1,102 @@
+"""The plan fixes every byte's place from headers alone, independent of the worker count."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from raymerge.checkpoint import open_checkpoint
+from raymerge.config import parse_spec
+from raymerge.errors import ConfigError
+from raymerge.plan import layer_of, make_plan, natural_key
+from tests.conftest import ties_config
+
+
+def plan_for(models, tmp_path, **overrides):
+    spec = parse_spec(ties_config(models), "c", str(tmp_path), overrides)
+    return spec, make_plan(spec, [open_checkpoint(m.path) for m in spec.inputs])
+
+
+def test_parts_cover_each_shard_exactly(models, tmp_path):
+    _, plan = plan_for(models, tmp_path, shard_size=40_000, part_size=9_000)
+    assert len(plan.shards) > 1
+    for index, shard in enumerate(plan.shards):
+        parts = plan.parts_of(index)
+        assert parts[0].start == 0 and parts[0].header and len(parts[0].header) == shard.header_size
+        assert parts[-1].end == shard.size
+        for before, after in zip(parts, parts[1:]):
+            assert before.end == after.start and not after.header
+        for part in parts[:-1]:
+            assert part.nbytes >= 9_000
+        for part in parts:
+            assert part.tensors[0].start == max(part.start, shard.header_size)
+            assert part.tensors[-1].end == part.end
+            assert [p.number for p in parts] == list(range(1, len(parts) + 1))
+
+
+def test_plan_is_deterministic_and_names_sorted(models, tmp_path):
+    _, a = plan_for(models, tmp_path)
+    _, b = plan_for(models, tmp_path)
+    assert a.digest == b.digest and a == b
+    names = [t.name for t in a.tensors]
+    assert names == sorted(names, key=natural_key)
+    assert layer_of("model.layers.12.mlp.up_proj.weight") == 12
+    assert layer_of("model.embed_tokens.weight") is None
+
+
+def test_digest_changes_with_parameters(models, tmp_path):
+    _, a = plan_for(models, tmp_path)
+    _, b = plan_for(models, tmp_path, seed=5)
+    assert a.digest != b.digest
+
+
+def test_bytes_and_memory_estimates(models, tmp_path):
+    spec, plan = plan_for(models, tmp_path)
+    base = open_checkpoint(models["base"]).total_bytes
+    assert plan.bytes_to_read == 4 * base
+    assert plan.bytes_to_write == sum(s.size for s in plan.shards)
+    assert plan.peak_worker_bytes() > 0
+
+
+def _copy_with(tmp_path, models, name, transform):
+    folder = tmp_path / name
+    shutil.copytree(models["model_2"], folder)
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(str(shard))
+        save_file(transform(tensors), str(shard), {"format": "pt"})
+    return str(folder)
+
+
+def test_models_with_different_names_are_refused(models, tmp_path):
+    def rename(tensors):
+        if "model.layers.1.mlp.up_proj.weight" in tensors:
+            tensors["model.layers.1.mlp.upper.weight"] = tensors.pop(
+                "model.layers.1.mlp.up_proj.weight"
+            )
+        return tensors
+
+    body = ties_config(models)
+    body["models"][1]["model"] = _copy_with(tmp_path, models, "renamed", rename)
+    (tmp_path / "renamed" / "model.safetensors.index.json").unlink()
+    spec = parse_spec(body, "c", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' is in"):
+        make_plan(spec, [open_checkpoint(m.path) for m in spec.inputs])
+
+
+def test_models_with_different_shapes_are_refused(models, tmp_path):
+    def widen(tensors):
+        name = "model.layers.0.input_layernorm.weight"
+        if name in tensors:
+            tensors[name] = torch.ones(65, dtype=torch.bfloat16)
+        return tensors
+
+    body = ties_config(models)
+    body["models"][1]["model"] = _copy_with(tmp_path, models, "wide", widen)
+    spec = parse_spec(body, "c", str(tmp_path))
+    with pytest.raises(
+        ConfigError, match=r"'model.layers.0.input_layernorm.weight' has shape \[64\]"
+    ):
+        make_plan(spec, [open_checkpoint(m.path) for m in spec.inputs])
