@@ -1,9 +1,15 @@
-"""The registry of merge methods: a plain dict from name to `MergeMethod`."""
+"""The registry of merge methods: a plain dict from name to `MergeMethod`.
+
+Every module in this package that defines `METHODS` (a tuple of `MergeMethod`) is
+registered, so adding a method is adding one module.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from raymerge.errors import ConfigError
-from raymerge.methods import linear, task_arithmetic, ties
 from raymerge.methods.base import MergeInputs, MergeMethod, Param
 
 REGISTRY: dict[str, MergeMethod] = {}
@@ -23,7 +29,13 @@ def get_method(name: object, where: str = "merge_method") -> MergeMethod:
     )
 
 
-for _method in (linear.METHOD, task_arithmetic.TASK_ARITHMETIC, ties.METHOD):
-    register(_method)
+def _discover() -> None:
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        for method in getattr(module, "METHODS", ()):
+            register(method)
+
+
+_discover()
 
 __all__ = ["REGISTRY", "MergeInputs", "MergeMethod", "Param", "get_method", "register"]

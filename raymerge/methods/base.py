@@ -95,10 +95,10 @@ class MergeInputs:
     def base(self) -> torch.Tensor | None:
         return None if self.base_index is None else self.tensors[self.base_index]
 
-    def others(self) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-        """The non-base inputs with their parameters."""
+    def others(self) -> list[tuple[int, torch.Tensor, dict[str, Any]]]:
+        """The non-base inputs as (position among the inputs, tensor, parameters)."""
         return [
-            (t, p)
+            (i, t, p)
             for i, (t, p) in enumerate(zip(self.tensors, self.per_input))
             if i != self.base_index
         ]

@@ -38,14 +38,16 @@ def check_weights(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> st
     return None
 
 
-METHOD = MergeMethod(
-    name="linear",
-    merge=merge,
-    params=(
-        Param("weight", float, "input", help="this model's weight"),
-        Param("normalize", bool, "shared", default=True, help="divide by the sum of weights"),
+METHODS = (
+    MergeMethod(
+        name="linear",
+        merge=merge,
+        params=(
+            Param("weight", float, "input", help="this model's weight"),
+            Param("normalize", bool, "shared", default=True, help="divide by the sum of weights"),
+        ),
+        base="ignored",
+        summary="weighted average: sum(w_i x_i) / sum(w_i)",
+        check=check_weights,
     ),
-    base="ignored",
-    summary="weighted average: sum(w_i x_i) / sum(w_i)",
-    check=check_weights,
 )

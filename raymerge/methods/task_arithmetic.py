@@ -14,12 +14,13 @@ import torch
 from raymerge.methods import sparsify
 from raymerge.methods.base import MergeInputs, MergeMethod, Param, compute_dtype
 
-# trim(delta, this model's parameters, inputs) -> trimmed delta (may be `delta` itself)
-Trim = Callable[[torch.Tensor, dict[str, Any], MergeInputs], torch.Tensor]
+# trim(delta, this model's parameters, inputs, the model's position among the inputs)
+# -> the trimmed delta (may be `delta` itself)
+Trim = Callable[[torch.Tensor, dict[str, Any], MergeInputs, int], torch.Tensor]
 
 
 def trim_magnitude(
-    delta: torch.Tensor, params: dict[str, Any], inputs: MergeInputs
+    delta: torch.Tensor, params: dict[str, Any], inputs: MergeInputs, position: int
 ) -> torch.Tensor:
     return sparsify.magnitude(delta, params["density"])
 
@@ -31,12 +32,12 @@ def merge(inputs: MergeInputs, trim: Trim | None, elect_sign: bool) -> torch.Ten
     others = inputs.others()
     if not others:
         return base
-    weights = [params["weight"] for _, params in others]
+    weights = [params["weight"] for _, _, params in others]
     deltas = []
-    for tensor, params in others:
+    for position, tensor, params in others:
         delta = tensor.to(dtype) - base
         if trim is not None:
-            trimmed = trim(delta, params, inputs)
+            trimmed = trim(delta, params, inputs, position)
             if inputs.shared["rescale"]:
                 trimmed = sparsify.l1_rescale(delta, trimmed)
             delta = trimmed
@@ -136,11 +137,13 @@ def make(
     )
 
 
-TASK_ARITHMETIC = make(
-    "task_arithmetic",
-    "base + lambda * sum(w_i (x_i - base))",
-    trim=None,
-    elect_sign=False,
-    default_normalize=False,
-    default_rescale=False,
+METHODS = (
+    make(
+        "task_arithmetic",
+        "base + lambda * sum(w_i (x_i - base))",
+        trim=None,
+        elect_sign=False,
+        default_normalize=False,
+        default_rescale=False,
+    ),
 )

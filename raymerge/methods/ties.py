@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from raymerge.methods import task_arithmetic
 
-METHOD = task_arithmetic.make(
-    "ties",
-    "base + lambda * disjoint_mean_i(topk(w_i (x_i - base)))",
-    trim=task_arithmetic.trim_magnitude,
-    elect_sign=True,
-    default_normalize=True,
-    default_rescale=False,
+METHODS = (
+    task_arithmetic.make(
+        "ties",
+        "base + lambda * disjoint_mean_i(topk(w_i (x_i - base)))",
+        trim=task_arithmetic.trim_magnitude,
+        elect_sign=True,
+        default_normalize=True,
+        default_rescale=False,
+    ),
 )
