@@ -22,6 +22,8 @@ from raymerge.plan import OutputTensor, Part
 from raymerge.storage import open_destination, open_source
 from raymerge.storage.base import Destination, Source
 
+CPU_CHUNK = 1 << 16  # elements per chunk for elementwise methods: fp32 scratch stays in cache
+
 
 @dataclass(frozen=True)
 class WorkContext:
@@ -57,7 +59,7 @@ def checksum(data) -> str:
 
 
 class PartRunner:
-    """Holds the open sources and destination for a worker's lifetime."""
+    """Holds the open sources, the destination and reusable buffers for a worker's lifetime."""
 
     def __init__(self, context: WorkContext) -> None:
         self.context = context
@@ -65,9 +67,11 @@ class PartRunner:
         self.destination: Destination = open_destination(context.destination)
         self.device = torch.device(context.device)
         self.method = REGISTRY[context.method]
+        self.chunk = CPU_CHUNK if self.device.type == "cpu" else None
+        self._buffers: dict[object, torch.Tensor] = {}
 
     def run(self, part: Part) -> PartResult:
-        buffer = torch.empty(part.nbytes, dtype=torch.uint8)
+        buffer = self._buffer("part", part.nbytes)
         view = buffer.numpy()
         if part.header:
             view[: len(part.header)] = memoryview(part.header)
@@ -87,6 +91,15 @@ class PartRunner:
         result.seconds_write = time.perf_counter() - started
         return result
 
+    def _buffer(self, key: object, nbytes: int) -> torch.Tensor:
+        """A reusable byte buffer (fresh allocations page-fault on first touch)."""
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < nbytes:
+            pin = self.device.type == "cuda" and key != "part"
+            buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
+            self._buffers[key] = buffer
+        return buffer[:nbytes]
+
     def _fill(self, tensor: OutputTensor, out: torch.Tensor, result: PartResult) -> None:
         started = time.perf_counter()
         if tensor.op == "copy":
@@ -96,13 +109,26 @@ class PartRunner:
             result.seconds_read += time.perf_counter() - started
             return
         inputs = []
-        for source in tensor.sources:
-            raw = torch.empty(source.end - source.start, dtype=torch.uint8)
+        for position, source in enumerate(tensor.sources):
+            raw = self._buffer(position, source.end - source.start)
             self._read_into(source.input, source.file, source.start, raw)
             result.bytes_read += raw.numel()
-            inputs.append(raw.view(torch_dtype(source.dtype)).reshape(source.shape).to(self.device))
+            typed = raw.view(torch_dtype(source.dtype)).reshape(-1)
+            inputs.append(typed.to(self.device, non_blocking=True))
         read_done = time.perf_counter()
         result.seconds_read += read_done - started
+        target = _typed_view(out, tensor.dtype)
+        if self.method.elementwise and self.chunk:
+            for lo in range(0, target.numel(), self.chunk):
+                hi = min(lo + self.chunk, target.numel())
+                target[lo:hi].copy_(self._merge(tensor, [x[lo:hi] for x in inputs], flat=True))
+        else:
+            target.copy_(self._merge(tensor, [x.reshape(tensor.shape) for x in inputs]).reshape(-1))
+        if target.data_ptr() != out.data_ptr():  # a misaligned tensor was merged into scratch
+            out.copy_(target.view(torch.uint8))
+        result.seconds_merge += time.perf_counter() - read_done
+
+    def _merge(self, tensor: OutputTensor, inputs: list[torch.Tensor], flat: bool = False):
         merged = self.method.merge(
             MergeInputs(
                 tensor.name,
@@ -113,15 +139,22 @@ class PartRunner:
                 self.context.seed,
             )
         )
-        if tuple(merged.shape) != tensor.shape:
+        expected = inputs[0].shape if flat else tensor.shape
+        if tuple(merged.shape) != tuple(expected):
             raise MergeFailed(
                 f"{self.context.method} returned shape {list(merged.shape)} for {tensor.name!r}, "
-                f"expected {list(tensor.shape)}"
+                f"expected {list(expected)}"
             )
-        merged = merged.to(torch_dtype(tensor.dtype)).contiguous().cpu()
-        out.copy_(merged.reshape(-1).view(torch.uint8))
-        result.seconds_merge += time.perf_counter() - read_done
+        return merged
 
     def _read_into(self, input_index: int, file: str, start: int, out: torch.Tensor) -> None:
         if out.numel():
             self.sources[input_index].readinto(file, start, memoryview(out.numpy()))
+
+
+def _typed_view(out: torch.Tensor, dtype: str) -> torch.Tensor:
+    """`out`'s bytes as a flat tensor of `dtype`, or an aligned scratch copy if misaligned."""
+    torch_type = torch_dtype(dtype)
+    if out.data_ptr() % torch_type.itemsize == 0:
+        return out.view(torch_type)
+    return torch.empty(out.numel() // torch_type.itemsize, dtype=torch_type)

@@ -116,6 +116,9 @@ class MergeMethod:
     min_inputs: int = 1
     max_inputs: int | None = None
     summary: str = ""
+    # True when each output element depends only on the same element of the inputs: workers
+    # then merge in cache-sized chunks, which is several times faster on CPUs
+    elementwise: bool = False
     # a check of one tensor's resolved parameters, run at plan time: returns a problem or None
     check: Callable[[dict[str, Any], list[dict[str, Any]]], str | None] | None = field(default=None)
 

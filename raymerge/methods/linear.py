@@ -10,11 +10,12 @@ from raymerge.methods.base import MergeInputs, MergeMethod, Param, compute_dtype
 
 
 def merge(inputs: MergeInputs) -> torch.Tensor:
-    first = inputs.tensors[0]
-    result = torch.zeros(first.shape, dtype=compute_dtype(first), device=first.device)
+    first, *rest = inputs.tensors
     weights = [p["weight"] for p in inputs.per_input]
-    for tensor, weight in zip(inputs.tensors, weights):
-        result.add_(tensor.to(result.dtype), alpha=weight)
+    # mixed-dtype add_ converts on the fly: no fp32 copy of each input
+    result = first.to(compute_dtype(first), copy=True).mul_(weights[0])
+    for tensor, weight in zip(rest, weights[1:]):
+        result.add_(tensor, alpha=weight)
     if inputs.shared["normalize"]:
         result.div_(sum(weights))
     return result
@@ -48,6 +49,7 @@ METHODS = (
         ),
         base="ignored",
         summary="weighted average: sum(w_i x_i) / sum(w_i)",
+        elementwise=True,
         check=check_weights,
     ),
 )

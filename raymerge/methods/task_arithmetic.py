@@ -134,6 +134,7 @@ def make(
         params=family_params(default_normalize, default_rescale) + extra,
         base="required",
         summary=summary,
+        elementwise=trim is None and not elect_sign,
     )
 
 
