@@ -1,12 +1,15 @@
 """Trimming a task vector: keep the `density` fraction of its entries, chosen per method.
 
-Every choice is deterministic: magnitude ties break toward the lowest flat index, and random
-masks come from a generator seeded by the caller (from the seed and the tensor name).
+Every choice is deterministic: magnitude ties break by flat index, and random masks come from
+the counter-based generator in `random`, on a stream the caller derives from (seed, tensor
+name, model position), so they are the same on any worker and any device.
 """
 
 from __future__ import annotations
 
 import torch
+
+from raymerge.methods import random as rng
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -25,6 +28,11 @@ def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones(n, dtype=torch.bool, device=magnitude.device)
     if k <= 0:
         return torch.zeros(n, dtype=torch.bool, device=magnitude.device)
+    if magnitude.is_cuda:  # kthvalue is slow on CUDA; a stable sort keeps the same tie-break
+        order = torch.sort(magnitude, descending=True, stable=True).indices[:k]
+        mask = torch.zeros(n, dtype=torch.bool, device=magnitude.device)
+        mask[order] = True
+        return mask
     # the k-th largest value is the (n - k + 1)-th smallest
     threshold = torch.kthvalue(magnitude, n - k + 1).values
     mask = magnitude > threshold
@@ -52,3 +60,96 @@ def l1_rescale(original: torch.Tensor, trimmed: torch.Tensor, eps: float = 1e-7)
     if before < eps or after < eps:
         return trimmed
     return trimmed * (before / after)
+
+
+def lowest_mask(values: torch.Tensor, r: int) -> torch.Tensor:
+    """Boolean mask of the r smallest entries of a flat tensor, ordered by (value, flat index)."""
+    n = values.numel()
+    if r >= n:
+        return torch.ones(n, dtype=torch.bool, device=values.device)
+    if r <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=values.device)
+    threshold = torch.kthvalue(values, r).values
+    mask = values < threshold
+    missing = r - int(mask.sum())
+    if missing > 0:
+        mask[torch.nonzero(values == threshold).flatten()[:missing]] = True
+    return mask
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs (mergekit's `magnitude_outliers`): drop the int(gamma * n) largest |delta|,
+    then the smallest, so that int(density * n) entries remain; outlier removal shrinks when
+    both cannot hold. Ranks follow a stable ascending sort: equal |delta| rank by flat index.
+    """
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep = int(density * n) if density > 0 else 0
+    bottom = max(0, n - keep - int(gamma * n))
+    flat = delta.reshape(-1)
+    return (flat * rank_range_mask(flat.abs(), bottom, bottom + keep)).reshape(delta.shape)
+
+
+def rank_range_mask(values: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """Entries whose rank in ascending (value, flat index) order lies in [low, high).
+
+    Selection on CPUs (linear time), one stable sort on accelerators, where `kthvalue` on a
+    large tensor is many times slower; both define the same set.
+    """
+    if values.device.type == "cpu":
+        return lowest_mask(values, high) & ~lowest_mask(values, low)
+    mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    mask[torch.sort(values, stable=True).indices[max(0, low) : max(0, high)]] = True
+    return mask
+
+
+def bernoulli(delta: torch.Tensor, density: float, stream: int) -> torch.Tensor:
+    """DARE: keep each entry with probability `density`, draw i of `stream` for entry i."""
+    if density >= 1:
+        return delta
+    return delta * rng.bernoulli_mask(stream, delta.shape, density, delta.device)
+
+
+def della_cuts(density: float, epsilon: float, m: int) -> torch.Tensor:
+    """Integer Bernoulli cuts by rank in a row of m: p = density - eps + 2 eps (rank / (m - 1)).
+
+    Computed once on the CPU in float64 so every device compares against the same integers;
+    a row of one entry gets p = density (mergekit divides by zero there).
+    """
+    if m > 1:
+        rank_norm = torch.arange(m, dtype=torch.float64) / (m - 1)
+    else:
+        rank_norm = torch.full((1,), 0.5, dtype=torch.float64)
+    probs = (rank_norm * 2 * epsilon + (density - epsilon)).clamp(0, 1)
+    return torch.ceil(probs * rng.ONE).to(torch.int64)
+
+
+def della_magprune(
+    delta: torch.Tensor, density: float, epsilon: float, stream: int, chunk: int | None = None
+) -> torch.Tensor:
+    """DELLA's MagPrune: in each row (along dim 1, as mergekit ranks), keep entry j with a
+    probability rising linearly with its |delta| rank, density - eps (smallest) to density +
+    eps (largest); rank ties by position in the row. Draws index the row-major row view.
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    view = delta.reshape(1, -1) if delta.dim() < 2 else delta.movedim(1, -1)
+    m = view.shape[-1]
+    rows = view.reshape(-1, m)
+    cuts = della_cuts(density, epsilon, m).to(delta.device)
+    block = max(1, (chunk or (1 << 18 if delta.device.type == "cpu" else 1 << 22)) // m)
+    out = torch.empty_like(rows)
+    for start in range(0, rows.shape[0], block):
+        part = rows[start : start + block]
+        order = torch.sort(part.abs(), dim=1, stable=True).indices
+        draws = rng.bits(stream, start * m, part.numel(), delta.device).reshape(part.shape)
+        # the entry at sorted position j has rank j
+        keep = torch.empty_like(order, dtype=torch.bool)
+        keep.scatter_(1, order, draws.gather(1, order) < cuts)
+        out[start : start + block] = part * keep
+    if delta.dim() < 2:
+        return out.reshape(delta.shape)
+    return out.reshape(view.shape).movedim(-1, 1)
