@@ -80,6 +80,7 @@ def _overrides(**kwargs: Any) -> dict[str, Any]:
 @click.option("--dtype", help="output dtype (bfloat16, float16, float32); overrides the config")
 @click.option("--seed", type=click.IntRange(min=0), help="seed for random methods (default 0)")
 @click.option("--force", is_flag=True, help="overwrite raymerge's files in a non-empty OUT")
+@click.option("--fsync", is_flag=True, help="flush every shard to disk before it is committed")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @_guard
 def run(
@@ -94,6 +95,7 @@ def run(
     dtype: str | None,
     seed: int | None,
     force: bool,
+    fsync: bool,
     no_progress: bool,
 ) -> None:
     """Merge the models in CONFIG into the folder OUT."""
@@ -111,6 +113,7 @@ def run(
         cpus_per_worker=cpus_per_worker,
         gpus_per_worker=gpus_per_worker,
         force=force,
+        fsync=fsync,
         progress=not no_progress,
     )
     summary = run_merge(spec, out, options, log=lambda line: click.echo(line, err=True))

@@ -25,7 +25,7 @@ from raymerge.ray_cluster import cluster_resources, ray_session
 from raymerge.sizes import human
 from raymerge.storage import open_destination
 from raymerge.storage.base import Destination
-from raymerge.worker import PartResult, PartRunner, WorkContext
+from raymerge.worker import PartResult, PartRunner, WorkContext, checksum
 
 STATE_DIR = "_raymerge"
 RUN_RECORD = f"{STATE_DIR}/run.json"
@@ -46,6 +46,7 @@ class RunOptions:
     progress: bool = True
     max_attempts: int = 3
     runtime_env: dict | None = None
+    fsync: bool = False
 
 
 @dataclass
@@ -87,7 +88,7 @@ def run_merge(
     started = time.perf_counter()
     checkpoints = [open_checkpoint(m.path) for m in spec.inputs]
     plan = make_plan(spec, checkpoints)
-    destination = open_destination(out)
+    destination = open_destination(out, options.fsync)
     done = _claim_destination(destination, plan, options.force, log)
     _write_run_record(destination, plan, spec)
     committed, tokens = _open_shards(destination, plan, done)
@@ -226,14 +227,28 @@ def _open_shards(
         token, resumed = destination.begin_shard(
             shard.name, shard.size, previous.get("tokens", {}).get(shard.name)
         )
-        if not resumed:
-            for key in keys:
-                done.pop(key, None)
+        for part in plan.parts_of(index):
+            if part.key in done and not (resumed and _part_intact(destination, token, part, done)):
+                del done[part.key]
         tokens.append(token)
     names = [s.name for s in plan.shards]
     body = {"digest": plan.digest, "tokens": dict(zip(names, tokens))}
     destination.write_file(SHARD_TOKENS, json.dumps(body).encode())
     return committed, tuple(tokens)
+
+
+def _part_intact(destination: Destination, token: str, part: Part, done: dict) -> bool:
+    """Whether a part recorded by an earlier run still holds the bytes its record describes
+    (without fsync, a crash of the machine can lose written data but keep the record)."""
+    data = destination.read_part(token, part.start, part.nbytes)
+    if data is None:
+        return True  # not readable back: the store itself checked the part
+    checksums = done[part.key].checksums
+    for tensor in part.tensors:
+        piece = data[tensor.start - part.start : tensor.end - part.start]
+        if checksums.get(tensor.name) != checksum(piece):
+            return False
+    return len(data) == part.nbytes
 
 
 def _commit_ready_shards(destination, plan, tokens, done, committed, shard: int) -> None:

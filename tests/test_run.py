@@ -165,3 +165,26 @@ def test_single_file_inputs_and_linear(ray_local, models, tmp_path):
         assert merged[name].dtype == torch.float32
         torch.testing.assert_close(merged[name], want, rtol=1e-6, atol=1e-7)
     assert REGISTRY["linear"] is lin.method
+
+
+def test_resume_redoes_a_recorded_part_whose_bytes_are_gone(ray_local, spec, tmp_path):
+    """Without fsync a machine crash can keep a part's record but lose its bytes."""
+    out = tmp_path / "out"
+    plan = make_plan(spec, [open_checkpoint(m.path) for m in spec.inputs])
+    last = min(plan.parts, key=lambda p: (p.nbytes, p.key))
+    env = {"RAYMERGE_FAULT": f"exit:{last.key}:{tmp_path}"}
+    with pytest.raises(MergeFailed):
+        merge(spec, out, workers=1, max_attempts=1, runtime_env={"env_vars": env})
+    records = sorted(os.listdir(out / "_raymerge" / "parts"))
+    # a recorded part in the failed part's shard, which stayed uncommitted
+    victim = next(p for p in plan.parts_of(last.shard) if f"{p.key}.json" in records)
+    partial = out / (plan.shards[victim.shard].name + ".partial")
+    with open(partial, "r+b") as f:
+        f.seek(victim.end - 4)
+        f.write(b"\0\0\0\0")
+    summary = merge(spec, out, workers=2, fsync=True)
+    assert summary.parts_done + summary.parts_resumed == len(plan.parts)
+    assert verify(str(out)).problems == []
+    merge(spec, tmp_path / "clean", workers=1)
+    for name in output_files(tmp_path / "clean"):
+        assert filecmp.cmp(out / name, tmp_path / "clean" / name, shallow=False)

@@ -11,9 +11,9 @@ def open_source(uri: str) -> Source:
     return LocalSource(uri)
 
 
-def open_destination(uri: str) -> Destination:
+def open_destination(uri: str, fsync: bool = False) -> Destination:
     """A writer for the output folder at `uri`."""
-    return LocalDestination(uri)
+    return LocalDestination(uri, fsync)
 
 
 __all__ = ["Destination", "Source", "open_destination", "open_source"]

@@ -66,6 +66,11 @@ class Destination(Protocol):
         """Write one part at its offset; returns what `commit_shard` needs for it."""
         ...
 
+    def read_part(self, token: str, start: int, length: int) -> bytes | None:
+        """Bytes already written to an uncommitted shard, or None where they cannot be read
+        back (an S3 upload's parts, which S3 itself checks on upload)."""
+        ...
+
     def commit_shard(self, name: str, token: str, receipts: list[str]) -> None:
         """Make the shard visible under its final name, once every part is in."""
         ...

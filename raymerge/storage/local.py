@@ -61,10 +61,16 @@ class LocalSource:
 
 
 class LocalDestination:
-    """Writes shards under a temporary name, part by part, then renames them."""
+    """Writes shards under a temporary name, part by part, then renames them.
 
-    def __init__(self, root: str) -> None:
+    With `fsync`, a shard and every small file reach the disk before they get their final
+    name; without it (the default, as mergekit and `save_pretrained` do) data may sit in the
+    page cache, and a resumed run rechecks the parts it did not write itself.
+    """
+
+    def __init__(self, root: str, fsync: bool = False) -> None:
         self.root = str(root)
+        self.fsync = fsync
 
     def _path(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -91,6 +97,8 @@ class LocalDestination:
         tmp = path + PARTIAL_SUFFIX
         with open(tmp, "wb") as f:
             f.write(data)
+            if self.fsync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
 
     def remove(self, name: str) -> None:
@@ -129,12 +137,21 @@ class LocalDestination:
             os.close(fd)
         return ""
 
-    def commit_shard(self, name: str, token: str, receipts: list[str]) -> None:
-        fd = os.open(token, os.O_RDONLY)
+    def read_part(self, token: str, start: int, length: int) -> bytes | None:
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            with open(token, "rb") as f:
+                f.seek(start)
+                return f.read(length)
+        except OSError:
+            return None
+
+    def commit_shard(self, name: str, token: str, receipts: list[str]) -> None:
+        if self.fsync:
+            fd = os.open(token, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(token, self._path(name))
 
     def abort_shard(self, name: str, token: str) -> None:
@@ -142,4 +159,4 @@ class LocalDestination:
             os.remove(token)
 
     def __reduce__(self):
-        return (LocalDestination, (self.root,))
+        return (LocalDestination, (self.root, self.fsync))
