@@ -145,7 +145,7 @@ def plan(
             {
                 "model": m.given,
                 "path": m.path,
-                "role": "base" if i == spec.base_index else "model",
+                "role": "base" if i == spec.base_input else "model",
                 "bytes": c.total_bytes,
             }
             for i, (m, c) in enumerate(zip(spec.inputs, checkpoints))
@@ -190,7 +190,7 @@ def format_plan(report: dict[str, Any]) -> str:
 def inspect(checkpoint: str, as_json: bool) -> None:
     """List the tensors of CHECKPOINT (folder or .safetensors file) from its headers."""
     from raymerge.checkpoint import open_checkpoint
-    from raymerge.plan import natural_key
+    from raymerge.mapping import natural_key
 
     ckpt = open_checkpoint(checkpoint)
     rows = [ckpt.tensors[n] for n in sorted(ckpt.tensors, key=natural_key)]

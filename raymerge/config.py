@@ -1,4 +1,4 @@
-"""The merge spec: mergekit's YAML, checked completely before anything is read.
+"""Reading mergekit's YAML into a MergeSpec, checked completely before anything is read.
 
 Every problem in a config is collected and reported at once, each with its YAML path, the bad
 value and what is allowed. Unknown keys are errors (mergekit silently ignores them, so a
@@ -7,9 +7,7 @@ top-level `normalize: true` there does nothing).
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -17,100 +15,16 @@ import yaml
 from raymerge.dtypes import parse_config_dtype
 from raymerge.errors import ConfigError
 from raymerge.methods import REGISTRY, get_method
-from raymerge.methods.base import MergeMethod, Param
-from raymerge.params import check_setting, evaluate
+from raymerge.methods.base import MergeMethod
+from raymerge.params import check_setting
 from raymerge.sizes import parse_size
+from raymerge.spec import InputModel, MergeSpec, OutputSlice, SliceSource
 
 TOP_LEVEL_KEYS = {
-    "merge_method",
-    "base_model",
-    "models",
-    "slices",
-    "parameters",
-    "dtype",
-    "out_dtype",
-    "tokenizer_source",
-    "tokenizer",
-    "chat_template",
-    "name",
-    "raymerge",
-}
+    "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+    "tokenizer_source", "tokenizer", "chat_template", "name", "raymerge",
+}  # fmt: skip
 RAYMERGE_KEYS = {"seed", "shard_size", "part_size"}
-DEFAULT_SHARD_SIZE = 5 * 10**9
-DEFAULT_PART_SIZE = 64 * 2**20
-
-
-@dataclass(frozen=True)
-class InputModel:
-    """One input checkpoint: where it is, how the config named it, its own parameters."""
-
-    path: str
-    given: str
-    parameters: dict[str, Any] = field(default_factory=dict)
-    yaml_path: str = ""
-
-
-@dataclass(frozen=True)
-class MergeSpec:
-    method: MergeMethod
-    inputs: tuple[InputModel, ...]
-    base_index: int | None
-    parameters: dict[str, Any]
-    out_dtype: str | None = None
-    tokenizer_source: int | None = None  # index of the input whose tokenizer is copied
-    seed: int = 0
-    shard_size: int = DEFAULT_SHARD_SIZE
-    part_size: int = DEFAULT_PART_SIZE
-    source: str = "<config>"
-    warnings: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        """A canonical description of the merge, for hashing and the run record."""
-        return {
-            "merge_method": self.method.name,
-            "inputs": [{"path": m.path, "parameters": m.parameters} for m in self.inputs],
-            "base_index": self.base_index,
-            "parameters": self.parameters,
-            "out_dtype": self.out_dtype,
-            "seed": self.seed,
-        }
-
-    def resolve(self, tensor_name: str, t: float, present: list[int]) -> tuple[dict, list[dict]]:
-        """Parameter values for one tensor: (shared, one dict per present input).
-
-        Precedence as in mergekit: the model's own setting, then the global one, then the
-        method's default. A filter that matches nothing falls through to the next level.
-        """
-        shared = {
-            p.name: self._value(p, [self.parameters], tensor_name, t, "parameters")
-            for p in self.method.params
-            if p.scope == "shared"
-        }
-        per_input = []
-        for i in present:
-            model = self.inputs[i]
-            values = {}
-            for p in self.method.params:
-                if p.scope == "shared" or (p.scope == "non_base" and i == self.base_index):
-                    continue
-                values[p.name] = self._value(
-                    p, [model.parameters, self.parameters], tensor_name, t, model.yaml_path
-                )
-            per_input.append(values)
-        return shared, per_input
-
-    def _value(self, p: Param, levels: list[dict], tensor_name: str, t: float, where: str) -> Any:
-        for level in levels:
-            if p.name in level:
-                value = evaluate(level[p.name], tensor_name, t, p.validate, f"{where}.{p.name}")
-                if value is not None:
-                    return value
-        if p.required:
-            raise ConfigError(
-                f"{self.source}: no value of {p.name!r} applies to tensor {tensor_name!r} "
-                f"({where}); add a setting without a filter as a fallback"
-            )
-        return p.default
 
 
 def load_spec(path: str, overrides: dict[str, Any] | None = None) -> MergeSpec:
@@ -133,6 +47,87 @@ def load_spec(path: str, overrides: dict[str, Any] | None = None) -> MergeSpec:
     return parse_spec(data, path, os.path.dirname(os.path.abspath(path)), overrides or {})
 
 
+class _Reader:
+    """Collects problems while walking a config; knows the method and the inputs so far."""
+
+    def __init__(self, config_dir: str, method: MergeMethod | None) -> None:
+        self.config_dir = config_dir
+        self.method = method
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.inputs: list[InputModel] = []
+
+    def input_index(self, ref: Any, where: str) -> int | None:
+        """The index of the model `ref` names, adding it to the inputs on first sight."""
+        path = self.resolve_path(ref, where)
+        if path is None:
+            return None
+        for index, model in enumerate(self.inputs):
+            if model.path == path:
+                return index
+        self.inputs.append(InputModel(path, str(ref)))
+        return len(self.inputs) - 1
+
+    def resolve_path(self, ref: Any, where: str) -> str | None:
+        if not isinstance(ref, str) or not ref.strip():
+            self.errors.append(
+                f"{where}: {ref!r} must be a path to a checkpoint folder or .safetensors file"
+            )
+            return None
+        if "+" in ref and not os.path.exists(ref):
+            self.errors.append(
+                f"{where}: {ref!r}: LoRA adapters (model+lora) are not supported yet; "
+                "merge the adapter into its model first"
+            )
+            return None
+        expanded = os.path.expanduser(ref)
+        candidates = [expanded]
+        if not os.path.isabs(expanded):
+            candidates.append(os.path.join(self.config_dir, expanded))
+        for candidate in candidates:
+            if os.path.exists(candidate):
+                return os.path.abspath(candidate)
+        looked = " or ".join(repr(os.path.abspath(c)) for c in candidates)
+        self.errors.append(
+            f"{where}: {ref!r} not found (looked for {looked}); raymerge reads local checkpoint "
+            "folders and .safetensors files (download hub models first, e.g. with "
+            "`huggingface-cli download`)"
+        )
+        return None
+
+    def parameters(self, raw: Any, where: str, per_model_only: bool) -> dict:
+        """A `parameters:` mapping, each value checked against the method's declarations."""
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.errors.append(f"{where}: must be a mapping of parameter names to values")
+            return {}
+        if self.method is not None:
+            for name, setting in raw.items():
+                p = self.method.param(name)
+                if p is None:
+                    allowed = ", ".join(q.name for q in self.method.params) or "none"
+                    self.errors.append(
+                        f"{where}.{name}: unknown parameter {name!r} for {self.method.name}; "
+                        f"its parameters: {allowed}"
+                    )
+                elif per_model_only and p.scope == "shared":
+                    self.errors.append(
+                        f"{where}.{name}: {name!r} is a global parameter of {self.method.name}; "
+                        "move it to the top-level `parameters:` (or the slice's)"
+                    )
+                else:
+                    check_setting(setting, f"{where}.{name}", p.validate, self.errors)
+        return dict(raw)
+
+    def keys(self, entry: dict, allowed: set[str], where: str) -> None:
+        unknown = sorted(set(entry) - allowed)
+        if unknown:
+            self.errors.append(
+                f"{where}: unknown key(s) {unknown}; allowed: {', '.join(sorted(allowed))}"
+            )
+
+
 def parse_spec(
     data: Any, source: str, config_dir: str, overrides: dict[str, Any] | None = None
 ) -> MergeSpec:
@@ -141,46 +136,56 @@ def parse_spec(
         raise ConfigError(
             f"{source}: the config must be a YAML mapping (merge_method, models, ...)"
         )
-    errors: list[str] = []
-    warnings: list[str] = []
-    _check_top_level_keys(data, errors)
-    if "merge_method" not in data:
-        errors.append(f"merge_method: missing; one of {', '.join(sorted(REGISTRY))}")
-        method = None
+    method = _parse_method(data)
+    reader = _Reader(config_dir, method if isinstance(method, MergeMethod) else None)
+    if isinstance(method, str):
+        reader.errors.append(method)
+    _check_top_level_keys(data, reader)
+    base_input = None
+    if data.get("base_model") is not None:
+        base_input = reader.input_index(data["base_model"], "base_model")
+    if data.get("slices") is not None:
+        slices = _parse_slices(data["slices"], base_input, reader)
     else:
-        try:
-            method = get_method(data["merge_method"])
-        except ConfigError as exc:
-            errors.append(str(exc))
-            method = None
-
-    inputs, base_index = _parse_models(data, method, config_dir, errors)
-    parameters = _parse_global_parameters(data.get("parameters"), method, errors)
-    if method is not None:
-        _check_inputs_against_method(method, inputs, base_index, parameters, errors)
-        _check_constant_params(method, inputs, base_index, parameters, errors)
-    out_dtype = _parse_dtypes(data, overrides, errors)
-    tokenizer_source = _parse_tokenizer(data, inputs, base_index, config_dir, errors, warnings)
+        slices = _parse_models(data.get("models"), base_input, reader)
+    parameters = reader.parameters(data.get("parameters"), "parameters", per_model_only=False)
+    if reader.method is not None:
+        for index, out_slice in enumerate(slices):
+            _check_slice_against_method(reader, out_slice, parameters, base_input, data, index)
+    out_dtype = _parse_dtypes(data, overrides, reader.errors)
+    tokenizer_source, resize_vocab = _parse_tokenizer(data, base_input, reader)
     if "chat_template" in data:
-        warnings.append(
+        reader.warnings.append(
             "chat_template: not applied by raymerge; the tokenizer files are copied as is"
         )
-    options = _parse_raymerge_section(data.get("raymerge"), overrides, errors)
-
-    if errors:
-        raise ConfigError(_format_errors(source, errors))
-    assert method is not None
+    options = _parse_raymerge_section(data.get("raymerge"), overrides, reader.errors)
+    if reader.errors:
+        raise ConfigError(_format_errors(source, reader.errors))
+    assert reader.method is not None
     return MergeSpec(
-        method=method,
-        inputs=tuple(inputs),
-        base_index=base_index,
+        method=reader.method,
+        inputs=tuple(reader.inputs),
+        slices=tuple(slices),
         parameters=parameters,
+        base_input=base_input,
+        uses_slices=data.get("slices") is not None,
         out_dtype=out_dtype,
         tokenizer_source=tokenizer_source,
+        resize_vocab=resize_vocab,
         source=source,
-        warnings=tuple(warnings),
+        warnings=tuple(reader.warnings),
         **options,
     )
+
+
+def _parse_method(data: dict) -> MergeMethod | str:
+    """The method, or the problem with `merge_method` as a message."""
+    if "merge_method" not in data:
+        return f"merge_method: missing; one of {', '.join(sorted(REGISTRY))}"
+    try:
+        return get_method(data["merge_method"])
+    except ConfigError as exc:
+        return str(exc)
 
 
 def _format_errors(source: str, errors: list[str]) -> str:
@@ -189,7 +194,7 @@ def _format_errors(source: str, errors: list[str]) -> str:
     return f"{source}: {len(errors)} problems:\n" + "\n".join(f"  - {e}" for e in errors)
 
 
-def _check_top_level_keys(data: dict, errors: list[str]) -> None:
+def _check_top_level_keys(data: dict, reader: _Reader) -> None:
     for key in data:
         if key in TOP_LEVEL_KEYS:
             continue
@@ -197,197 +202,184 @@ def _check_top_level_keys(data: dict, errors: list[str]) -> None:
         if any(key in (p.name for p in m.params) for m in REGISTRY.values()):
             hint = f"; method parameters go under `parameters:` (parameters.{key})"
         elif key == "modules":
-            hint = "; multi-module configs are not supported yet: use `models:`"
-        errors.append(
-            f"{key}: unknown top-level key{hint}; allowed: {', '.join(sorted(TOP_LEVEL_KEYS))}"
+            hint = "; multi-module configs are not supported yet: use `models:` or `slices:`"
+        allowed = ", ".join(sorted(TOP_LEVEL_KEYS))
+        reader.errors.append(f"{key}: unknown top-level key{hint}; allowed: {allowed}")
+    if (data.get("models") is None) == (data.get("slices") is None):
+        reader.errors.append(
+            "models/slices: give exactly one of `models:` (whole models) or `slices:` "
+            "(layer ranges)"
         )
-    if "slices" in data:
-        errors.append("slices: not supported yet; list whole models under `models:`")
 
 
-def _parse_models(
-    data: dict, method: MergeMethod | None, config_dir: str, errors: list[str]
-) -> tuple[list[InputModel], int | None]:
-    raw_models = data.get("models")
-    inputs: list[InputModel] = []
-    if raw_models is None:
-        if "slices" not in data:
-            errors.append("models: missing; list the input models as `- model: PATH`")
-    elif not isinstance(raw_models, list) or not raw_models:
-        errors.append("models: must be a non-empty list of `- model: PATH` entries")
-    else:
-        for i, entry in enumerate(raw_models):
-            model = _parse_model_entry(entry, f"models[{i}]", method, config_dir, errors)
-            if model is not None:
-                inputs.append(model)
-    seen: dict[str, str] = {}
-    for model in inputs:
-        if model.path in seen:
-            errors.append(
-                f"{model.yaml_path}: {model.given!r} is listed twice (also {seen[model.path]})"
-            )
-        seen[model.path] = model.yaml_path
-
-    base_index = None
-    if data.get("base_model") is not None:
-        base_path = _resolve_path(data["base_model"], "base_model", config_dir, errors)
-        if base_path is not None:
-            matches = [i for i, m in enumerate(inputs) if m.path == base_path]
-            if matches:
-                base_index = matches[0]
-            else:
-                inputs.append(InputModel(base_path, str(data["base_model"]), {}, "base_model"))
-                base_index = len(inputs) - 1
-    return inputs, base_index
+def _parse_models(raw: Any, base_input: int | None, reader: _Reader) -> list[OutputSlice]:
+    """`models:` is one slice over all layers of every model, the base added if unlisted."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw:
+        reader.errors.append("models: must be a non-empty list of `- model: PATH` entries")
+        return []
+    sources = []
+    for i, entry in enumerate(raw):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        source = _parse_source(entry, f"models[{i}]", {"model", "parameters"}, reader)
+        if source is not None:
+            sources.append(source)
+    _check_distinct(sources, reader)
+    if base_input is not None and all(s.input != base_input for s in sources):
+        sources.append(SliceSource(base_input, None, {}, "base_model"))
+    return [OutputSlice(tuple(sources), _base_position(sources, base_input, reader), {}, "models")]
 
 
-def _parse_model_entry(
-    entry: Any, where: str, method: MergeMethod | None, config_dir: str, errors: list[str]
-) -> InputModel | None:
-    if isinstance(entry, str):
-        entry = {"model": entry}
+def _parse_slices(raw: Any, base_input: int | None, reader: _Reader) -> list[OutputSlice]:
+    if not isinstance(raw, list) or not raw:
+        reader.errors.append("slices: must be a non-empty list of `- sources: [...]` entries")
+        return []
+    slices = []
+    for i, entry in enumerate(raw):
+        where = f"slices[{i}]"
+        if not isinstance(entry, dict):
+            reader.errors.append(f"{where}: must be a mapping with `sources:`")
+            continue
+        reader.keys(entry, {"sources", "base_model", "parameters", "residual_weight"}, where)
+        if "residual_weight" in entry:
+            reader.errors.append(f"{where}.residual_weight: not supported yet")
+        raw_sources = entry.get("sources")
+        if not isinstance(raw_sources, list) or not raw_sources:
+            reader.errors.append(f"{where}.sources: must be a non-empty list of models")
+            continue
+        allowed = {"model", "layer_range", "parameters"}
+        sources = [
+            s
+            for j, src in enumerate(raw_sources)
+            if (s := _parse_source(src, f"{where}.sources[{j}]", allowed, reader)) is not None
+        ]
+        _check_distinct(sources, reader)
+        base = base_input
+        if entry.get("base_model") is not None:
+            base = reader.input_index(entry["base_model"], f"{where}.base_model")
+        params = reader.parameters(entry.get("parameters"), f"{where}.parameters", False)
+        slices.append(
+            OutputSlice(tuple(sources), _base_position(sources, base, reader), params, where)
+        )
+    return slices
+
+
+def _parse_source(entry: Any, where: str, allowed: set[str], reader: _Reader) -> SliceSource | None:
     if not isinstance(entry, dict):
-        errors.append(f"{where}: must be a mapping with `model:` (and optional `parameters:`)")
+        reader.errors.append(f"{where}: must be a mapping with `model:`")
         return None
-    unknown = sorted(set(entry) - {"model", "parameters"})
-    if unknown:
-        errors.append(f"{where}: unknown key(s) {unknown}; allowed: model, parameters")
+    reader.keys(entry, allowed, where)
     if "model" not in entry:
-        errors.append(f"{where}.model: missing")
+        reader.errors.append(f"{where}.model: missing")
         return None
-    path = _resolve_path(entry["model"], f"{where}.model", config_dir, errors)
-    params = entry.get("parameters") or {}
-    if not isinstance(params, dict):
-        errors.append(f"{where}.parameters: must be a mapping of parameter names to values")
-        params = {}
-    if method is not None:
-        for name, setting in params.items():
-            p = method.param(name)
-            if p is None:
-                errors.append(f"{where}.parameters.{name}: {_unknown_param(method, name)}")
-            elif p.scope == "shared":
-                errors.append(
-                    f"{where}.parameters.{name}: {name!r} is a global parameter of "
-                    f"{method.name}; move it to the top-level `parameters:`"
-                )
-            else:
-                check_setting(setting, f"{where}.parameters.{name}", p.validate, errors)
-    if path is None:
-        return None
-    return InputModel(path, str(entry["model"]), dict(params), where)
+    index = reader.input_index(entry["model"], f"{where}.model")
+    params = reader.parameters(entry.get("parameters"), f"{where}.parameters", per_model_only=True)
+    layer_range = _parse_layer_range(entry, where, reader) if "layer_range" in allowed else None
+    return None if index is None else SliceSource(index, layer_range, params, where)
 
 
-def _resolve_path(ref: Any, where: str, config_dir: str, errors: list[str]) -> str | None:
-    if not isinstance(ref, str) or not ref.strip():
-        errors.append(
-            f"{where}: {ref!r} must be a path to a checkpoint folder or .safetensors file"
-        )
+def _parse_layer_range(entry: dict, where: str, reader: _Reader) -> tuple[int, int] | None:
+    raw = entry.get("layer_range")
+    if raw is None:
+        reader.errors.append(f"{where}.layer_range: missing; give [first, end) layer indices")
         return None
-    if "+" in ref and not os.path.exists(ref):
-        errors.append(
-            f"{where}: {ref!r}: LoRA adapters (model+lora) are not supported yet; "
-            "merge the adapter into its model first"
-        )
-        return None
-    expanded = os.path.expanduser(ref)
-    candidates = (
-        [expanded] if os.path.isabs(expanded) else [expanded, os.path.join(config_dir, expanded)]
-    )
-    for candidate in candidates:
-        if os.path.exists(candidate):
-            return os.path.abspath(candidate)
-    looked = " or ".join(repr(os.path.abspath(c)) for c in candidates)
-    errors.append(
-        f"{where}: {ref!r} not found (looked for {looked}); raymerge reads local checkpoint "
-        "folders and .safetensors files (download hub models first, e.g. with "
-        "`huggingface-cli download`)"
+    if (
+        isinstance(raw, list)
+        and len(raw) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in raw)
+        and raw[0] < raw[1]
+    ):
+        return (raw[0], raw[1])
+    reader.errors.append(
+        f"{where}.layer_range: {raw!r} must be [start, end] with 0 <= start < end (end excluded)"
     )
     return None
 
 
-def _unknown_param(method: MergeMethod, name: str) -> str:
-    allowed = ", ".join(p.name for p in method.params) or "none"
-    return f"unknown parameter {name!r} for {method.name}; its parameters: {allowed}"
+def _check_distinct(sources: list[SliceSource], reader: _Reader) -> None:
+    seen: dict[int, str] = {}
+    for source in sources:
+        if source.input in seen:
+            given = reader.inputs[source.input].given
+            reader.errors.append(
+                f"{source.yaml_path}: {given!r} is listed twice (also {seen[source.input]})"
+            )
+        seen[source.input] = source.yaml_path
 
 
-def _parse_global_parameters(raw: Any, method: MergeMethod | None, errors: list[str]) -> dict:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        errors.append("parameters: must be a mapping of parameter names to values")
-        return {}
-    if method is not None:
-        for name, setting in raw.items():
-            p = method.param(name)
-            if p is None:
-                errors.append(f"parameters.{name}: {_unknown_param(method, name)}")
-            else:
-                check_setting(setting, f"parameters.{name}", p.validate, errors)
-    return dict(raw)
+def _base_position(sources: list[SliceSource], base: int | None, reader: _Reader) -> int | None:
+    if base is None or reader.method is None or reader.method.base == "ignored":
+        return None
+    return next((i for i, s in enumerate(sources) if s.input == base), None)
 
 
-def _check_inputs_against_method(
-    method: MergeMethod,
-    inputs: list[InputModel],
-    base_index: int | None,
-    parameters: dict,
-    errors: list[str],
-) -> None:
-    if method.base == "required" and base_index is None:
-        errors.append(f"base_model: {method.name} needs a base model (task vectors are x_i - base)")
-    count = len(inputs)
-    if count < method.min_inputs or (method.max_inputs is not None and count > method.max_inputs):
+def _check_slice_against_method(
+    reader: _Reader, out_slice: OutputSlice, parameters: dict, base_input: int | None,
+    data: dict, index: int,
+) -> None:  # fmt: skip
+    method = reader.method
+    assert method is not None
+    where = out_slice.yaml_path
+    if method.base == "required" and out_slice.base is None:
+        entry = data["slices"][index] if data.get("slices") is not None else {}
+        if base_input is not None or entry.get("base_model") is not None:
+            problem = f"{where}: {method.name} needs its base model among the slice's sources"
+        else:
+            problem = f"base_model: {method.name} needs a base model (task vectors are x_i - base)"
+        if problem not in reader.errors:
+            reader.errors.append(problem)
+    count = len(out_slice.sources)
+    low, high = method.min_inputs, method.max_inputs
+    if count < low or (high is not None and count > high):
         wanted = (
-            f"exactly {method.min_inputs}"
-            if method.min_inputs == method.max_inputs
-            else f"at least {method.min_inputs}"
-            if method.max_inputs is None
-            else f"{method.min_inputs} to {method.max_inputs}"
+            f"exactly {low}" if low == high
+            else f"at least {low}" if high is None
+            else f"{low} to {high}"
+        )  # fmt: skip
+        reader.errors.append(
+            f"{where}: {method.name} takes {wanted} input models (base included); got {count}"
         )
-        errors.append(
-            f"models: {method.name} takes {wanted} input models (base included); got {count}"
-        )
-    for i, model in enumerate(inputs):
+    for position, source in enumerate(out_slice.sources):
         for p in method.params:
-            if not p.required or p.scope == "shared" or (p.scope == "non_base" and i == base_index):
+            if not p.required or p.scope == "shared":
                 continue
-            if p.name not in model.parameters and p.name not in parameters:
+            if p.scope == "non_base" and position == out_slice.base:
+                continue
+            if not any(
+                p.name in level for level in (source.parameters, out_slice.parameters, parameters)
+            ):
+                given = reader.inputs[source.input].given
                 fix = (
-                    f"set {model.yaml_path}.parameters.{p.name}"
-                    if model.yaml_path != "base_model"
-                    else f"list the base model under `models:` with parameters.{p.name}"
+                    f"list the base under `models:` with parameters.{p.name}"
+                    if source.yaml_path == "base_model"
+                    else f"set {source.yaml_path}.parameters.{p.name}"
                 )
-                errors.append(
-                    f"{model.yaml_path}: {method.name} needs {p.name!r} for {model.given!r}; "
+                reader.errors.append(
+                    f"{source.yaml_path}: {method.name} needs {p.name!r} for {given!r}; "
                     f"{fix}, or a default in the top-level parameters.{p.name}"
                 )
+    _check_constant_params(reader, out_slice, parameters)
 
 
-def _check_constant_params(
-    method: MergeMethod,
-    inputs: list[InputModel],
-    base_index: int | None,
-    parameters: dict,
-    errors: list[str],
-) -> None:
+def _check_constant_params(reader: _Reader, out_slice: OutputSlice, parameters: dict) -> None:
     """Run the method's own check once on values that do not vary by tensor."""
-    if method.check is None:
+    method = reader.method
+    if method is None or method.check is None or reader.errors:
         return
-    constant = all(
-        not isinstance(v, list | dict)
-        for level in [parameters] + [m.parameters for m in inputs]
-        for v in level.values()
-    )
-    if not constant:
-        return  # checked per tensor at plan time
+    levels = [parameters, out_slice.parameters] + [s.parameters for s in out_slice.sources]
+    if any(isinstance(v, list | dict) for level in levels for v in level.values()):
+        return  # varies by tensor: checked per tensor at plan time
+    spec = MergeSpec(method, tuple(reader.inputs), (out_slice,), parameters)
+    names = [""] * len(out_slice.sources)
     try:
-        spec = MergeSpec(method, tuple(inputs), base_index, parameters)
-        shared, per_input = spec.resolve("", 0.0, list(range(len(inputs))))
+        shared, per_input = spec.resolve(0, "", names, 0.0)
     except (ConfigError, ValueError):
         return  # reported elsewhere
     problem = method.check(shared, per_input)
     if problem:
-        errors.append(f"parameters: {problem}")
+        reader.errors.append(f"parameters: {problem}")
 
 
 def _parse_dtypes(data: dict, overrides: dict[str, Any], errors: list[str]) -> str | None:
@@ -410,38 +402,36 @@ def _parse_dtypes(data: dict, overrides: dict[str, Any], errors: list[str]) -> s
 
 
 def _parse_tokenizer(
-    data: dict,
-    inputs: list[InputModel],
-    base_index: int | None,
-    config_dir: str,
-    errors: list[str],
-    warnings: list[str],
-) -> int | None:
+    data: dict, base_input: int | None, reader: _Reader
+) -> tuple[int | None, bool]:
+    """(input whose tokenizer files are copied, whether vocab rows follow the base)."""
     source = data.get("tokenizer_source")
     tokenizer = data.get("tokenizer")
     if tokenizer is not None:
         if source is not None:
-            errors.append("tokenizer: give either tokenizer_source or tokenizer, not both")
+            reader.errors.append("tokenizer: give either tokenizer_source or tokenizer, not both")
         if not isinstance(tokenizer, dict) or set(tokenizer) - {"source"}:
-            errors.append("tokenizer: only `tokenizer: {source: ...}` is supported yet")
-            return None
+            reader.errors.append("tokenizer: only `tokenizer: {source: ...}` is supported yet")
+            return None, False
         source = tokenizer.get("source")
     if source is None:
-        return base_index if base_index is not None else (0 if inputs else None)
+        return (base_input if base_input is not None else (0 if reader.inputs else None)), False
     if source == "base":
-        if base_index is None:
-            errors.append("tokenizer_source: 'base' needs a base_model")
-        return base_index
+        if base_input is None:
+            reader.errors.append("tokenizer_source: 'base' needs a base_model")
+        return base_input, True
     if source == "union":
-        errors.append("tokenizer_source: 'union' is not supported yet; use 'base' or a model path")
-        return None
-    path = _resolve_path(source, "tokenizer_source", config_dir, errors)
-    for i, model in enumerate(inputs):
+        reader.errors.append(
+            "tokenizer_source: 'union' is not supported yet; use 'base' or a model path"
+        )
+        return None, False
+    path = reader.resolve_path(source, "tokenizer_source")
+    for index, model in enumerate(reader.inputs):
         if model.path == path:
-            return i
+            return index, False
     if path is not None:
-        errors.append("tokenizer_source: must be `base` or one of the input models")
-    return None
+        reader.errors.append("tokenizer_source: must be `base` or one of the input models")
+    return None, False
 
 
 def _parse_raymerge_section(raw: Any, overrides: dict[str, Any], errors: list[str]) -> dict:
@@ -469,7 +459,3 @@ def _parse_raymerge_section(raw: Any, overrides: dict[str, Any], errors: list[st
             except ConfigError as exc:
                 errors.append(str(exc))
     return options
-
-
-def spec_digest_text(spec: MergeSpec) -> str:
-    return json.dumps(spec.to_json(), sort_keys=True, separators=(",", ":"))

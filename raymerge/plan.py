@@ -9,21 +9,21 @@ so the output bytes cannot either.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from raymerge.checkpoint import Checkpoint
-from raymerge.config import MergeSpec
 from raymerge.dtypes import FLOAT_DTYPES, itemsize
 from raymerge.errors import ConfigError
+from raymerge.mapping import TensorJob, map_tensors, output_shape
 from raymerge.safetensors_format import TensorEntry, build_header
+from raymerge.spec import MergeSpec
 
 S3_MIN_PART = 5 * 2**20
-LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 # bytes of fp32 scratch per element and input that the task-vector family may hold at once
 SCRATCH_FP32_PER_INPUT = 4
 
@@ -38,6 +38,7 @@ class InputTensor:
     shape: tuple[int, ...]
     start: int
     end: int
+    pad_from: int | None = None  # fewer vocab rows: take the rest from this source position
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class Plan:
     shards: tuple[Shard, ...]
     parts: tuple[Part, ...]
     digest: str
+    num_layers: int = 0  # the output's layers (config.json's num_hidden_layers)
 
     @property
     def tensors(self) -> list[OutputTensor]:
@@ -127,120 +129,83 @@ class Plan:
         return peak
 
 
-def natural_key(name: str) -> tuple:
-    """Sort 'layers.10' after 'layers.9'."""
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
-
-
-def layer_of(name: str) -> int | None:
-    match = LAYER_PATTERN.search(name)
-    return int(match.group(1)) if match else None
-
-
 def make_plan(spec: MergeSpec, checkpoints: list[Checkpoint]) -> Plan:
     """Plan the merge of `checkpoints` (one per spec input, in order)."""
-    reference = spec.base_index if spec.base_index is not None else 0
-    names = _check_agreement(spec, checkpoints, reference)
-    num_layers = _num_layers(checkpoints[reference], names)
-    tensors = [_plan_tensor(spec, checkpoints, reference, name, num_layers) for name in names]
-    shard_groups = _group_into_shards(tensors, spec.shard_size)
-    shards, parts = _layout(shard_groups, spec.part_size)
+    jobs, num_layers = map_tensors(spec, checkpoints)
+    tensors = [_plan_tensor(spec, checkpoints, job) for job in jobs]
+    shards, parts = _layout(_group_into_shards(tensors, spec.shard_size), spec.part_size)
     plan = Plan(
         method=spec.method.name,
         seed=spec.seed,
-        inputs=tuple(c.uri for c in checkpoints),
+        inputs=tuple(c.source.root for c in checkpoints),
         shards=tuple(shards),
         parts=tuple(parts),
         digest="",
+        num_layers=num_layers,
     )
-    digest = _digest(spec, checkpoints, plan)
-    return Plan(plan.method, plan.seed, plan.inputs, plan.shards, plan.parts, digest)
+    return dataclasses.replace(plan, digest=_digest(spec, checkpoints, plan))
 
 
-def _check_agreement(spec: MergeSpec, checkpoints: list[Checkpoint], reference: int) -> list[str]:
-    ref = checkpoints[reference]
-    ref_label = spec.inputs[reference].given
-    for i, ckpt in enumerate(checkpoints):
-        if i == reference:
-            continue
-        label = spec.inputs[i].given
-        only_ref = sorted(set(ref.tensors) - set(ckpt.tensors), key=natural_key)
-        only_this = sorted(set(ckpt.tensors) - set(ref.tensors), key=natural_key)
-        if only_ref or only_this:
-            first = min(only_ref[:1] + only_this[:1], key=natural_key)
-            has, lacks = (ref_label, label) if first in ref.tensors else (label, ref_label)
-            count = len(only_ref) + len(only_this)
-            raise ConfigError(
-                f"models disagree: tensor {first!r} is in {has!r} but not in {lacks!r} "
-                f"({count} tensor name(s) differ); merge models of the same architecture"
-            )
-        for name in sorted(ref.tensors, key=natural_key):
-            a, b = ref.tensors[name], ckpt.tensors[name]
-            if a.shape != b.shape:
-                raise ConfigError(
-                    f"models disagree: tensor {name!r} has shape {list(a.shape)} in "
-                    f"{ref_label!r} but {list(b.shape)} in {label!r}"
-                )
-    return sorted(ref.tensors, key=natural_key)
-
-
-def _num_layers(reference: Checkpoint, names: list[str]) -> int:
-    config = reference.read_json("config.json") or {}
-    count = config.get("num_hidden_layers")
-    if isinstance(count, int) and count > 0:
-        return count
-    layers = [layer_of(n) for n in names]
-    return max((layer for layer in layers if layer is not None), default=-1) + 1
-
-
-def _plan_tensor(
-    spec: MergeSpec, checkpoints: list[Checkpoint], reference: int, name: str, num_layers: int
-) -> OutputTensor:
-    ref_entry = checkpoints[reference].tensors[name]
-    layer = layer_of(name)
-    t = 0.0 if layer is None else (layer / (num_layers - 1) if num_layers > 1 else 1.0)
-    is_float = all(c.tensors[name].dtype in FLOAT_DTYPES for c in checkpoints)
-    if not is_float:
-        source = _input_tensor(reference, ref_entry)
+def _plan_tensor(spec: MergeSpec, checkpoints: list[Checkpoint], job: TensorJob) -> OutputTensor:
+    entries = [checkpoints[i].tensors[name] for i, name in job.sources]
+    out_slice = spec.slices[job.slice_index]
+    reference = out_slice.base if out_slice.base is not None else 0
+    if not all(e.dtype in FLOAT_DTYPES for e in entries):
+        source = _input_tensor(job.sources[reference][0], entries[reference])
+        first = entries[reference]
         return OutputTensor(
-            name,
-            ref_entry.dtype,
-            ref_entry.shape,
+            job.name,
+            first.dtype,
+            first.shape,
             -1,
             0,
-            ref_entry.nbytes,
-            layer,
+            first.nbytes,
+            job.layer,
             "copy",
             (source,),
             None,
         )
-    dtype = spec.out_dtype or ref_entry.dtype
-    present = list(range(len(checkpoints)))
-    shared, per_input = spec.resolve(name, t, present)
+    shape = output_shape(spec, checkpoints, job)
+    dtype = spec.out_dtype or entries[reference].dtype
+    shared, per_input = spec.resolve(job.slice_index, job.name, [n for _, n in job.sources], job.t)
     if spec.method.check is not None:
         problem = spec.method.check(shared, per_input)
         if problem:
-            raise ConfigError(f"{spec.source}: tensor {name!r}: {problem}")
-    sources = tuple(_input_tensor(i, checkpoints[i].tensors[name]) for i in present)
-    nbytes = math.prod(ref_entry.shape) * itemsize(dtype)
+            raise ConfigError(f"{spec.source}: tensor {job.name!r}: {problem}")
+    sources = tuple(
+        _input_tensor(i, entry, shape[0] if entry.shape != shape else None, out_slice.base)
+        for (i, _), entry in zip(job.sources, entries)
+    )
+    nbytes = math.prod(shape) * itemsize(dtype)
     return OutputTensor(
-        name,
+        job.name,
         dtype,
-        ref_entry.shape,
+        shape,
         -1,
         0,
         nbytes,
-        layer,
+        job.layer,
         "merge",
         sources,
-        spec.base_index,
+        out_slice.base,
         shared,
         tuple(per_input),
     )
 
 
-def _input_tensor(index: int, entry: TensorEntry) -> InputTensor:
-    return InputTensor(index, entry.file, entry.dtype, entry.shape, entry.start, entry.end)
+def _input_tensor(
+    index: int, entry: TensorEntry, rows: int | None = None, base: int | None = None
+) -> InputTensor:
+    """Where to read; with `rows`, only the first rows (or all, padded from the base)."""
+    if rows is None or rows == entry.shape[0]:
+        return InputTensor(index, entry.file, entry.dtype, entry.shape, entry.start, entry.end)
+    row_bytes = entry.nbytes // entry.shape[0]
+    if rows < entry.shape[0]:
+        shape = (rows, *entry.shape[1:])
+        return InputTensor(
+            index, entry.file, entry.dtype, shape, entry.start, entry.start + rows * row_bytes
+        )
+    return InputTensor(index, entry.file, entry.dtype, entry.shape, entry.start, entry.end, base)
 
 
 def _group_into_shards(tensors: list[OutputTensor], shard_size: int) -> list[list[OutputTensor]]:

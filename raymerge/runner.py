@@ -17,12 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from raymerge.checkpoint import CONFIG_FILES, TOKENIZER_FILES, Checkpoint, open_checkpoint
-from raymerge.config import MergeSpec
 from raymerge.errors import ConfigError, MergeFailed, RaymergeError
 from raymerge.index import COMPLETE, HF_INDEX, TENSOR_INDEX, hf_index, table_bytes, tensor_table
 from raymerge.plan import Part, Plan, make_plan
 from raymerge.ray_cluster import cluster_resources, ray_session
 from raymerge.sizes import human
+from raymerge.spec import MergeSpec
 from raymerge.storage import open_destination
 from raymerge.storage.base import Destination
 from raymerge.worker import PartResult, PartRunner, WorkContext, checksum
@@ -269,7 +269,7 @@ def _finish(
     done: dict[str, PartResult],
 ) -> None:
     checksums = {name: c for result in done.values() for name, c in result.checksums.items()}
-    _copy_side_files(destination, spec, checkpoints)
+    _copy_side_files(destination, plan, spec, checkpoints)
     destination.write_file(HF_INDEX, hf_index(plan))
     names = [m.given for m in spec.inputs]
     destination.write_file(TENSOR_INDEX, table_bytes(tensor_table(plan, checksums, names)))
@@ -277,12 +277,14 @@ def _finish(
 
 
 def _copy_side_files(
-    destination: Destination, spec: MergeSpec, checkpoints: list[Checkpoint]
+    destination: Destination, plan: Plan, spec: MergeSpec, checkpoints: list[Checkpoint]
 ) -> None:
     """config.json from the base (or first) model, tokenizer files from tokenizer_source."""
-    reference = checkpoints[spec.base_index if spec.base_index is not None else 0]
+    reference = checkpoints[spec.reference_input]
     config = reference.read_json("config.json")
     if config is not None:
+        if spec.uses_slices and "num_hidden_layers" in config:
+            config["num_hidden_layers"] = plan.num_layers
         if spec.out_dtype is not None:
             config["torch_dtype"] = {
                 "BF16": "bfloat16",

@@ -115,6 +115,10 @@ class PartRunner:
             result.bytes_read += raw.numel()
             typed = raw.view(torch_dtype(source.dtype)).reshape(-1)
             inputs.append(typed.to(self.device, non_blocking=True))
+        for position, source in enumerate(tensor.sources):
+            if source.pad_from is not None:  # fewer vocab rows: the base's rows fill the rest
+                rest = inputs[source.pad_from][inputs[position].numel() :]
+                inputs[position] = torch.cat([inputs[position], rest.to(inputs[position].dtype)])
         read_done = time.perf_counter()
         result.seconds_read += read_done - started
         target = _typed_view(out, tensor.dtype)

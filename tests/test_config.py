@@ -13,6 +13,10 @@ def parse(body, tmp_path):
     return parse_spec(body, "cfg.yaml", str(tmp_path))
 
 
+def resolve(spec, name, t):
+    return spec.resolve(0, name, [name] * len(spec.slices[0].sources), t)
+
+
 def problems(body, tmp_path) -> str:
     with pytest.raises(ConfigError) as info:
         parse(body, tmp_path)
@@ -23,7 +27,9 @@ def problems(body, tmp_path) -> str:
 def test_valid_ties_config(models, tmp_path):
     spec = parse(ties_config(models), tmp_path)
     assert spec.method.name == "ties"
-    assert spec.base_index == 3 and len(spec.inputs) == 4
+    assert spec.base_input == 0 and len(spec.inputs) == 4
+    assert [s.input for s in spec.slices[0].sources] == [1, 2, 3, 0]
+    assert spec.slices[0].base == 3
     assert spec.out_dtype == "BF16"
 
 
@@ -98,7 +104,7 @@ def test_relative_paths_resolve_against_config_folder(models, tmp_path):
     for i, entry in enumerate(body["models"]):
         entry["model"] = f"model_{i + 1}"
     spec = load_spec(write_config(os.path.join(root, "c.yaml"), body))
-    assert spec.inputs[spec.base_index].path == models["base"]
+    assert spec.inputs[spec.base_input].path == models["base"]
 
 
 def test_parameter_resolution_filters_and_gradients(models, tmp_path):
@@ -110,12 +116,12 @@ def test_parameter_resolution_filters_and_gradients(models, tmp_path):
     body["parameters"] = {"density": 0.25, "lambda": [1.0, 3.0]}
     del body["models"][1]["parameters"]["density"]
     spec = parse(body, tmp_path)
-    shared, per = spec.resolve("model.layers.1.self_attn.q_proj.weight", 0.5, [0, 1, 2, 3])
+    shared, per = resolve(spec, "model.layers.1.self_attn.q_proj.weight", 0.5)
     assert shared["lambda"] == 2.0
     assert per[0]["weight"] == 0.5 and per[1]["density"] == 0.25 and per[3] == {}
-    _, per = spec.resolve("model.layers.1.mlp.up_proj.weight", 0.5, [0, 1, 2, 3])
+    _, per = resolve(spec, "model.layers.1.mlp.up_proj.weight", 0.5)
     assert per[0]["weight"] == 0.5
-    _, per = spec.resolve("model.layers.2.self_attn.q_proj.weight", 1.0, [0, 1, 2, 3])
+    _, per = resolve(spec, "model.layers.2.self_attn.q_proj.weight", 1.0)
     assert per[0]["weight"] == 1.0
 
 
@@ -124,7 +130,7 @@ def test_filter_without_fallback_is_a_plan_time_error(models, tmp_path):
     body["models"][0]["parameters"]["weight"] = [{"filter": "mlp", "value": 1.0}]
     spec = parse(body, tmp_path)
     with pytest.raises(ConfigError, match="no value of 'weight' applies to tensor"):
-        spec.resolve("model.embed_tokens.weight", 0.0, [0, 1, 2, 3])
+        resolve(spec, "model.embed_tokens.weight", 0.0)
 
 
 def test_raymerge_section_and_overrides(models, tmp_path):

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from raymerge.checkpoint import open_checkpoint
 from raymerge.config import parse_spec
 from raymerge.errors import ConfigError
-from raymerge.plan import layer_of, make_plan, natural_key
+from raymerge.mapping import layer_of, natural_key
+from raymerge.plan import make_plan
 from tests.conftest import ties_config
 
 

@@ -14,9 +14,10 @@ from raymerge.checkpoint import open_checkpoint
 from raymerge.config import parse_spec
 from raymerge.errors import ConfigError, MergeFailed
 from raymerge.index import verify
+from raymerge.mapping import layer_of
 from raymerge.methods import REGISTRY
 from raymerge.methods.base import MergeInputs
-from raymerge.plan import layer_of, make_plan
+from raymerge.plan import make_plan
 from raymerge.runner import RunOptions, run_merge
 from tests.conftest import ties_config
 
@@ -33,15 +34,16 @@ def load_model(path: str) -> dict[str, torch.Tensor]:
 
 def reference_merge(spec) -> dict[str, torch.Tensor]:
     """The whole merge in memory, one tensor at a time, straight from the method."""
-    inputs = [load_model(m.path) for m in spec.inputs]
+    sources = spec.slices[0].sources
+    inputs = [load_model(spec.inputs[s.input].path) for s in sources]
     out = {}
     for name in inputs[0]:
         layer = layer_of(name)
         t = 0.0 if layer is None else layer / 2
-        shared, per_input = spec.resolve(name, t, list(range(len(inputs))))
+        shared, per_input = spec.resolve(0, name, [name] * len(inputs), t)
         merged = spec.method.merge(
             MergeInputs(
-                name, [m[name] for m in inputs], spec.base_index, shared, per_input, spec.seed
+                name, [m[name] for m in inputs], spec.slices[0].base, shared, per_input, spec.seed
             )
         )
         out[name] = merged.to(inputs[0][name].dtype)
