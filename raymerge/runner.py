@@ -12,20 +12,22 @@ import os
 import re
 import sys
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from raymerge import global_topk
 from raymerge.checkpoint import CONFIG_FILES, TOKENIZER_FILES, Checkpoint, open_checkpoint
-from raymerge.errors import ConfigError, MergeFailed, RaymergeError
+from raymerge.errors import ConfigError
 from raymerge.index import COMPLETE, HF_INDEX, TENSOR_INDEX, hf_index, table_bytes, tensor_table
 from raymerge.plan import Part, Plan, make_plan
-from raymerge.ray_cluster import cluster_resources, ray_session
+from raymerge.pool import PoolOptions, WorkerPool
+from raymerge.ray_cluster import ray_session
 from raymerge.sizes import human
 from raymerge.spec import MergeSpec
 from raymerge.storage import open_destination
 from raymerge.storage.base import Destination
-from raymerge.worker import PartResult, PartRunner, WorkContext, checksum
+from raymerge.worker import PartResult, WorkContext, checksum
 
 STATE_DIR = "_raymerge"
 RUN_RECORD = f"{STATE_DIR}/run.json"
@@ -33,7 +35,6 @@ PLAN_TABLE = f"{STATE_DIR}/plan.parquet"
 PART_RECORDS = f"{STATE_DIR}/parts"
 SHARD_TOKENS = f"{STATE_DIR}/shards.json"
 SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors(\.partial)?")
-IN_FLIGHT_PER_WORKER = 2  # one merging, one queued, so a worker never waits on the driver
 
 
 @dataclass
@@ -48,6 +49,15 @@ class RunOptions:
     runtime_env: dict | None = None
     fsync: bool = False
 
+    def pool(self) -> PoolOptions:
+        return PoolOptions(
+            self.workers,
+            self.cpus_per_worker,
+            self.gpus_per_worker,
+            self.max_attempts,
+            self.runtime_env,
+        )
+
 
 @dataclass
 class RunSummary:
@@ -60,6 +70,7 @@ class RunSummary:
     bytes_written: int = 0
     seconds_total: float = 0.0
     seconds_merge: float = 0.0
+    seconds_prepare: float = 0.0
     seconds_startup: float = 0.0
     worker_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -77,6 +88,10 @@ class RunSummary:
             f"{self.seconds_total - self.seconds_startup - self.seconds_merge:.2f} s planning "
             "and indexes",
         ]
+        if self.seconds_prepare:
+            lines.append(
+                f"  of the merging, {self.seconds_prepare:.2f} s finding global top-k thresholds"
+            )
         for worker, seconds in sorted(self.worker_seconds.items()):
             lines.append(f"  worker {worker}: {seconds:.2f} s busy")
         return lines
@@ -119,14 +134,64 @@ def run_merge(
     if pending:
         startup = time.perf_counter()
         with ray_session(options.address, _local_cpus(options)):
-            resumed_bytes = sum(p.nbytes for p in plan.parts if p.key in done)
-            summary.retries, summary.seconds_merge = _execute(
-                pending, context, options, on_result, plan.bytes_to_write, resumed_bytes
-            )
+            pool = WorkerPool(context, options.pool(), len(plan.parts))
+            try:
+                merge_started = time.perf_counter()
+                pending = _prepare(pool, plan, pending, destination, spec, log)
+                summary.seconds_prepare = time.perf_counter() - merge_started
+                resumed_bytes = sum(p.nbytes for p in plan.parts if p.key in done)
+                bar = _progress_bar(options.progress, plan.bytes_to_write, resumed_bytes)
+
+                def merged(part: Part, result: PartResult) -> None:
+                    on_result(result)
+                    if bar is not None:
+                        bar.update(result.bytes_written)
+
+                try:
+                    summary.retries = pool.map(pending, "run", merged)
+                finally:
+                    if bar is not None:
+                        bar.close()
+                summary.seconds_merge = time.perf_counter() - merge_started
+            finally:
+                pool.close()
         summary.seconds_startup = time.perf_counter() - startup - summary.seconds_merge
     _finish(destination, plan, spec, checkpoints, done)
     summary.seconds_total = time.perf_counter() - started
     return summary
+
+
+def _prepare(
+    pool: WorkerPool, plan: Plan, pending: list[Part], destination: Destination,
+    spec: MergeSpec, log: Callable[[str], None],
+) -> list[Part]:  # fmt: skip
+    """Whole-model statistics the merge needs first (TIES with density_scope: global)."""
+    if not any(global_topk.participates(t) for part in pending for t in part.tensors):
+        return pending
+    parts = [p for p in plan.parts if any(global_topk.participates(t) for t in p.tensors)]
+    rounds = iter(range(1, 4))
+
+    def map_parts(selected: list[Part], request: dict) -> dict:
+        log(f"global top-k: round {next(rounds)} over {len(selected)} parts")
+        total: dict = {}
+
+        def add(part: Part, partial: dict) -> None:
+            for model, value in partial.items():
+                if isinstance(value, dict):
+                    total.setdefault(model, {}).update(value)
+                else:
+                    total[model] = total[model] + value if model in total else value
+
+        pool.map(selected, "statistic", add, request)
+        return total
+
+    models = global_topk.thresholds(plan.tensors, map_parts, parts, spec.source)
+    record = {
+        str(m): {"kept": t.k, "of": t.total, "threshold": t.threshold}
+        for m, t in sorted(models.items())
+    }
+    destination.write_file(f"{STATE_DIR}/global_topk.json", json.dumps(record, indent=2).encode())
+    return [global_topk.patch(part, models) for part in pending]
 
 
 def _local_cpus(options: RunOptions) -> int:
@@ -303,166 +368,6 @@ def _copy_files(destination: Destination, checkpoint: Checkpoint, names) -> None
     for name in names:
         if source.exists(name):
             destination.write_file(name, source.read_range(name, 0, source.size(name)))
-
-
-class _WorkerActor:
-    """A Ray actor around PartRunner; one per worker slot."""
-
-    def __init__(self, context: WorkContext, threads: int) -> None:
-        import torch
-
-        torch.set_num_threads(threads)
-        self.runner = PartRunner(context)
-
-    def ready(self) -> bool:
-        return True
-
-    def run(self, part: Part) -> PartResult:
-        _maybe_inject_fault(part)
-        return self.runner.run(part)
-
-
-def _maybe_inject_fault(part: Part) -> None:
-    """Test hook: RAYMERGE_FAULT=(raise|exit):PART_KEY:MARKER_DIR fails that part once."""
-    spec = os.environ.get("RAYMERGE_FAULT")
-    if not spec:
-        return
-    mode, key, marker_dir = spec.split(":", 2)
-    marker = os.path.join(marker_dir, f"fault-{key}")
-    if part.key != key or os.path.exists(marker):
-        return
-    with open(marker, "w") as f:
-        f.write(str(os.getpid()))
-    if mode == "exit":
-        os._exit(1)
-    raise OSError(f"injected fault on part {key}")
-
-
-def _execute(
-    pending: list[Part],
-    context: WorkContext,
-    options: RunOptions,
-    on_result: Callable[[PartResult], None],
-    total_bytes: int,
-    resumed_bytes: int,
-) -> tuple[int, float]:
-    """Run every pending part on a pool of actors; returns (retried attempts, seconds)."""
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
-
-    count = _worker_count(options, len(pending))
-    actor_options = {"num_cpus": options.cpus_per_worker, "num_gpus": options.gpus_per_worker}
-    if options.runtime_env:
-        actor_options["runtime_env"] = options.runtime_env
-    actor_class = ray.remote(_WorkerActor).options(**actor_options)
-    threads = max(1, int(options.cpus_per_worker))
-    actors = {i: actor_class.remote(context, threads) for i in range(count)}
-    try:
-        ray.get([actor.ready.remote() for actor in actors.values()])
-    except RayActorError as exc:
-        raise MergeFailed(
-            f"worker actors failed to start ({exc}); is raymerge installed on every Ray node? "
-            "(see docs/cluster.md)"
-        ) from None
-    started = time.perf_counter()
-    spare_actors = count  # replacements allowed for workers that die
-    queue = deque(sorted(pending, key=lambda p: (-p.nbytes, p.key)))
-    attempts: dict[str, int] = defaultdict(int)
-    avoid: dict[str, int] = {}
-    in_flight: dict = {}
-    load: dict[int, int] = defaultdict(int)
-    retries = 0
-    bar = _progress_bar(options.progress, total_bytes, resumed_bytes)
-    next_actor_id = count
-    try:
-        while queue or in_flight:
-            for actor_id in list(actors):
-                while load[actor_id] < IN_FLIGHT_PER_WORKER and queue:
-                    part = _next_for(queue, actor_id, avoid, len(actors))
-                    ref = actors[actor_id].run.remote(part)
-                    in_flight[ref] = (actor_id, part)
-                    load[actor_id] += 1
-            if not in_flight:
-                raise MergeFailed("no live workers are left to run the remaining parts")
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-            actor_id, part = in_flight.pop(ref)
-            load[actor_id] -= 1
-            try:
-                result = ray.get(ref)
-            except RayTaskError as exc:
-                cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-                if isinstance(cause, RaymergeError):
-                    raise cause from None
-                failure = f"{type(cause).__name__}: {cause}"
-            except RayActorError as exc:
-                failure = f"worker died ({exc.__class__.__name__})"
-                if actor_id in actors:
-                    del actors[actor_id]
-                    if spare_actors > 0:
-                        spare_actors -= 1
-                        actors[next_actor_id] = actor_class.remote(context, threads)
-                        next_actor_id += 1
-            else:
-                on_result(result)
-                if bar is not None:
-                    bar.update(result.bytes_written)
-                continue
-            attempts[part.key] += 1
-            if attempts[part.key] >= options.max_attempts:
-                raise MergeFailed(
-                    f"part {part.key} ({plan_part_label(part)}) failed {attempts[part.key]} "
-                    f"times; last error: {failure}. Finished parts are kept: rerun the same "
-                    "command to resume"
-                )
-            retries += 1
-            avoid[part.key] = actor_id
-            queue.appendleft(part)
-    finally:
-        if bar is not None:
-            bar.close()
-        for actor in actors.values():
-            ray.kill(actor)
-    return retries, time.perf_counter() - started
-
-
-def plan_part_label(part: Part) -> str:
-    first = part.tensors[0].name if part.tensors else "?"
-    return f"shard {part.shard + 1}, bytes {part.start}-{part.end}, first tensor {first!r}"
-
-
-def _next_for(queue: deque, actor_id: int, avoid: dict[str, int], live: int) -> Part:
-    """The first queued part that did not just fail on this actor (unless it is the only one)."""
-    if live > 1:
-        for i, part in enumerate(queue):
-            if avoid.get(part.key) != actor_id:
-                del queue[i]
-                return part
-    return queue.popleft()
-
-
-def _worker_count(options: RunOptions, pending: int) -> int:
-    resources = cluster_resources()
-    cpus = resources.get("CPU", 0.0)
-    gpus = resources.get("GPU", 0.0)
-    if options.gpus_per_worker > 0:
-        fit = int(gpus // options.gpus_per_worker) if gpus else 0
-        if fit == 0:
-            raise ConfigError(
-                f"--gpus-per-worker {options.gpus_per_worker:g}: the Ray cluster has "
-                f"{gpus:g} GPUs; run without --gpus-per-worker to merge on CPUs"
-            )
-    else:
-        fit = int(cpus // options.cpus_per_worker) if options.cpus_per_worker > 0 else pending
-    count = options.workers or max(1, fit)
-    if count > fit:
-        what = "GPU" if options.gpus_per_worker > 0 else "CPU"
-        per = options.gpus_per_worker if options.gpus_per_worker > 0 else options.cpus_per_worker
-        have = gpus if options.gpus_per_worker > 0 else cpus
-        raise ConfigError(
-            f"--workers {count} with {per:g} {what} each needs {count * per:g} {what}s, but the "
-            f"Ray cluster has {have:g}; lower --workers or --{what.lower()}s-per-worker"
-        )
-    return max(1, min(count, pending))
 
 
 def _progress_bar(enabled: bool, total: int, initial: int):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from raymerge import global_topk
 from raymerge.dtypes import torch_dtype
 from raymerge.errors import MergeFailed
 from raymerge.methods import REGISTRY
@@ -108,17 +109,7 @@ class PartRunner:
             result.bytes_read += out.numel()
             result.seconds_read += time.perf_counter() - started
             return
-        inputs = []
-        for position, source in enumerate(tensor.sources):
-            raw = self._buffer(position, source.end - source.start)
-            self._read_into(source.input, source.file, source.start, raw)
-            result.bytes_read += raw.numel()
-            typed = raw.view(torch_dtype(source.dtype)).reshape(-1)
-            inputs.append(typed.to(self.device, non_blocking=True))
-        for position, source in enumerate(tensor.sources):
-            if source.pad_from is not None:  # fewer vocab rows: the base's rows fill the rest
-                rest = inputs[source.pad_from][inputs[position].numel() :]
-                inputs[position] = torch.cat([inputs[position], rest.to(inputs[position].dtype)])
+        inputs = self._read_inputs(tensor, result)
         read_done = time.perf_counter()
         result.seconds_read += read_done - started
         target = _typed_view(out, tensor.dtype)
@@ -131,6 +122,31 @@ class PartRunner:
         if target.data_ptr() != out.data_ptr():  # a misaligned tensor was merged into scratch
             out.copy_(target.view(torch.uint8))
         result.seconds_merge += time.perf_counter() - read_done
+
+    def _read_inputs(self, tensor: OutputTensor, result: PartResult) -> list[torch.Tensor]:
+        """The tensor's inputs, flat, in their stored dtypes, on the work device."""
+        inputs = []
+        for position, source in enumerate(tensor.sources):
+            raw = self._buffer(position, source.end - source.start)
+            self._read_into(source.input, source.file, source.start, raw)
+            result.bytes_read += raw.numel()
+            typed = raw.view(torch_dtype(source.dtype)).reshape(-1)
+            inputs.append(typed.to(self.device, non_blocking=True))
+        for position, source in enumerate(tensor.sources):
+            if source.pad_from is not None:  # fewer vocab rows: the base's rows fill the rest
+                rest = inputs[source.pad_from][inputs[position].numel() :]
+                inputs[position] = torch.cat([inputs[position], rest.to(inputs[position].dtype)])
+        return inputs
+
+    def statistic(self, part: Part, request: dict) -> dict:
+        """One part's share of a whole-model statistic (global top-k: see global_topk.py)."""
+        partial: dict = {}
+        scratch = PartResult(part.key, part.shard, part.number, "", {}, 0, 0)
+        for tensor in part.tensors:
+            if global_topk.participates(tensor):
+                inputs = self._read_inputs(tensor, scratch)
+                global_topk.accumulate(partial, tensor, inputs, request)
+        return partial
 
     def _merge(self, tensor: OutputTensor, inputs: list[torch.Tensor], flat: bool = False):
         merged = self.method.merge(

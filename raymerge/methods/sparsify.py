@@ -153,3 +153,19 @@ def della_magprune(
     if delta.dim() < 2:
         return out.reshape(delta.shape)
     return out.reshape(view.shape).movedim(-1, 1)
+
+
+KEEP_ALL = -1  # `ties` value meaning every entry equal to the threshold is kept
+
+
+def threshold_trim(delta: torch.Tensor, threshold: float, ties: int) -> torch.Tensor:
+    """Keep |delta| > threshold, and the first `ties` entries equal to it (all if KEEP_ALL);
+    the global trim of TIES with `density_scope: global` (see raymerge/global_topk.py)."""
+    magnitude = delta.float().abs()  # the thresholds were found on fp32 magnitudes
+    keep = magnitude > threshold
+    if ties != 0:
+        equal = magnitude.reshape(-1) == threshold
+        if ties != KEEP_ALL:
+            equal &= torch.cumsum(equal, 0) <= ties
+        keep |= equal.reshape(delta.shape)
+    return delta * keep
