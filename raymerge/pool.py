@@ -8,6 +8,7 @@ results (checksums, histograms). Planning never depends on the pool's size.
 from __future__ import annotations
 
 import os
+import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ class _WorkerActor:
 
 
 def _maybe_inject_fault(part: Part) -> None:
-    """Test hook: RAYMERGE_FAULT=(raise|exit):PART_KEY:MARKER_DIR fails that part once."""
+    """Test hook: RAYMERGE_FAULT=(raise|exit|hang):PART_KEY:MARKER_DIR fails that part once
+    (raises, kills the worker process, or never returns)."""
     spec = os.environ.get("RAYMERGE_FAULT")
     if not spec:
         return
@@ -64,6 +66,8 @@ def _maybe_inject_fault(part: Part) -> None:
         f.write(str(os.getpid()))
     if mode == "exit":
         os._exit(1)
+    if mode == "hang":
+        time.sleep(3600)
     raise OSError(f"injected fault on part {key}")
 
 
@@ -117,7 +121,10 @@ class WorkerPool:
                     load[actor_id] += 1
             if not in_flight:
                 raise MergeFailed("no live workers are left to run the remaining parts")
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            ready: list = []
+            while not ready:  # short waits, so Ctrl-C is handled promptly
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+            ref = ready[0]
             actor_id, part = in_flight.pop(ref)
             load[actor_id] -= 1
             try:

@@ -137,8 +137,9 @@ def run_merge(
             pool = WorkerPool(context, options.pool(), len(plan.parts))
             try:
                 merge_started = time.perf_counter()
-                pending = _prepare(pool, plan, pending, destination, spec, log)
-                summary.seconds_prepare = time.perf_counter() - merge_started
+                if _needs_prepare(pending):
+                    pending = _prepare(pool, plan, pending, destination, spec, log)
+                    summary.seconds_prepare = time.perf_counter() - merge_started
                 resumed_bytes = sum(p.nbytes for p in plan.parts if p.key in done)
                 bar = _progress_bar(options.progress, plan.bytes_to_write, resumed_bytes)
 
@@ -161,13 +162,15 @@ def run_merge(
     return summary
 
 
+def _needs_prepare(pending: list[Part]) -> bool:
+    return any(global_topk.participates(t) for part in pending for t in part.tensors)
+
+
 def _prepare(
     pool: WorkerPool, plan: Plan, pending: list[Part], destination: Destination,
     spec: MergeSpec, log: Callable[[str], None],
 ) -> list[Part]:  # fmt: skip
     """Whole-model statistics the merge needs first (TIES with density_scope: global)."""
-    if not any(global_topk.participates(t) for part in pending for t in part.tensors):
-        return pending
     parts = [p for p in plan.parts if any(global_topk.participates(t) for t in p.tensors)]
     rounds = iter(range(1, 4))
 

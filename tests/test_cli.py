@@ -207,3 +207,41 @@ def test_console_script_runs_a_merge_in_its_own_local_ray(models, tmp_path):
     assert os.listdir(home) == []  # no auth token, no Ray state in the user's home
     done = subprocess.run([script, "verify", str(tmp_path / "out")], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("ok:")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_merge_and_leaves_it_resumable(models, tmp_path):
+    """SIGINT during the merge: exit 130 within seconds, Ray shut down, nothing complete."""
+    import signal
+    import time
+
+    config = write_config(tmp_path / "c.yaml", ties_config(models))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAYMERGE_FAULT"] = f"hang:00000-00002:{tmp_path}"  # one part never finishes
+    script = os.path.join(os.path.dirname(sys.executable), "raymerge")
+    process = subprocess.Popen(
+        [
+            script,
+            "run",
+            config,
+            str(tmp_path / "out"),
+            "--workers",
+            "1",
+            "--part-size",
+            "20KB",
+            "--no-progress",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "fault-00000-00002").exists():
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "COMPLETE").exists()
