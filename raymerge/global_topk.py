@@ -27,7 +27,7 @@ import torch
 
 from raymerge.errors import ConfigError
 from raymerge.mapping import natural_key
-from raymerge.methods.sparsify import KEEP_ALL, keep_count
+from raymerge.methods.sparsify import KEEP_ALL, keep_count, split
 from raymerge.plan import OutputTensor, Part
 
 HIGH_BINS = 1 << 15  # magnitudes have no sign bit: bits >> 16 < 2^15
@@ -64,14 +64,6 @@ def accumulate(partial: dict, tensor: OutputTensor, inputs: list[torch.Tensor], 
             continue
         counts = counts.cpu().numpy().astype(np.int64)
         partial[model] = partial[model] + counts if model in partial else counts
-
-
-def split(histogram: np.ndarray, k: int) -> tuple[int, int]:
-    """(bin holding the k-th largest entry, entries in higher bins)."""
-    from_top = np.cumsum(histogram[::-1])
-    index = int(np.searchsorted(from_top, k))  # first position where the count reaches k
-    above = int(from_top[index - 1]) if index > 0 else 0
-    return len(histogram) - 1 - index, above
 
 
 @dataclasses.dataclass

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from raymerge.config import parse_spec
 from raymerge.errors import ConfigError
-from raymerge.global_topk import _hand_out, split
+from raymerge.global_topk import _hand_out
 from raymerge.mapping import natural_key
-from raymerge.methods.sparsify import KEEP_ALL, keep_count, threshold_trim
+from raymerge.methods.sparsify import KEEP_ALL, keep_count, split, threshold_trim
 from raymerge.runner import RunOptions, run_merge
 from tests.test_run import load_model
 

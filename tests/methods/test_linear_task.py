@@ -125,3 +125,15 @@ def test_density_truncation_matches_python_float():
     assert keep_count(0.29, 100) == 28
     assert keep_count(0.001, 10) == 1  # at least one entry survives a positive density
     assert keep_count(0.0, 10) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 7, 150, 299])
+def test_top_k_mask_matches_a_sort_with_negatives_and_ties(dtype, k):
+    g = torch.Generator().manual_seed(k)
+    values = torch.randint(-20, 20, (300,), generator=g).to(dtype) / 4  # many ties, signs
+    values[5] = -0.0
+    order = sorted(range(300), key=lambda i: (-float(values[i]), i))[:k]
+    want = torch.zeros(300, dtype=torch.bool)
+    want[order] = True
+    assert torch.equal(top_k_mask(values, k), want)
