@@ -12,6 +12,8 @@ import torch
 
 from raymerge.methods import random as rng
 
+RADIX_CHUNK = 1 << 22  # elements per histogram step: 16 MB of int32 temporaries
+
 
 def keep_count(density: float, numel: int) -> int:
     """mergekit's count: int(density * n) with Python float truncation, at least one."""
@@ -72,10 +74,15 @@ def _radix_select(keys: torch.Tensor, k: int, non_negative: bool) -> tuple[int, 
     passes (the top 16 bits, then the low 16 inside one bucket) instead of a selection: about
     half the time of kthvalue, and exact."""
     offset = 0 if non_negative else 1 << 15  # arithmetic shift gives -32768..32767: move up
-    high = keys >> 16 if non_negative else (keys >> 16) + offset
-    bucket, above = split(torch.bincount(high, minlength=1 << 16).numpy(), k)
-    low = torch.bincount(keys[high == bucket] & 0xFFFF, minlength=1 << 16).numpy()
-    value, greater = split(low, k - above)
+    counts = torch.zeros(1 << 16, dtype=torch.int64)
+    for piece in keys.split(RADIX_CHUNK):  # chunks: no full-size temporaries
+        counts += torch.bincount((piece >> 16) + offset, minlength=1 << 16)
+    bucket, above = split(counts.numpy(), k)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for piece in keys.split(RADIX_CHUNK):
+        inside = piece[(piece >> 16) + offset == bucket]
+        low += torch.bincount(inside & 0xFFFF, minlength=1 << 16)
+    value, greater = split(low.numpy(), k - above)
     return ((bucket - offset) << 16) | value, above + greater + int(low[value]) - k
 
 
@@ -86,16 +93,18 @@ def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
         return delta
     flat = delta.reshape(-1)
     mask = top_k_mask(flat.abs(), k, non_negative=True)
-    return (flat * mask).reshape(delta.shape)
+    return flat.mul_(mask).reshape(delta.shape)  # in place: the caller owns `delta`
 
 
-def l1_rescale(original: torch.Tensor, trimmed: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Scale the trimmed vector back to the original's L1 norm (mergekit's `rescale`)."""
-    before = original.abs().sum()
+def l1_factor(
+    before: torch.Tensor, trimmed: torch.Tensor, eps: float = 1e-7
+) -> torch.Tensor | None:
+    """The factor that brings the trimmed vector back to the untrimmed one's L1 norm
+    `before` (mergekit's `rescale`), or None when either norm is below eps."""
     after = trimmed.abs().sum()
     if before < eps or after < eps:
-        return trimmed
-    return trimmed * (before / after)
+        return None
+    return before / after
 
 
 def lowest_mask(values: torch.Tensor, r: int) -> torch.Tensor:

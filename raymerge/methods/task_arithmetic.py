@@ -30,33 +30,60 @@ def trim_magnitude(
 def merge(inputs: MergeInputs, trim: Trim | None, elect_sign: bool) -> torch.Tensor:
     base = inputs.base
     dtype = compute_dtype(base)
-    base = base.to(dtype)
     others = inputs.others()
     if not others:
-        return base
-    weights = [params["weight"] for _, _, params in others]
-    deltas = []
+        return base.to(dtype)
+    # one model at a time: what its trim keeps, and its rescale factor
+    masks, factors = [], []
     for position, tensor, params in others:
-        delta = torch.sub(tensor, base)  # mixed dtypes promote in one pass, no fp32 copy
+        mask, factor = None, None
         if trim is not None:
+            delta = tensor.to(dtype, copy=True).sub_(base)  # mixed dtypes: no fp32 base copy
+            before = delta.abs().sum() if inputs.shared["rescale"] else None
             trimmed = trim(delta, params, inputs, position)
-            if inputs.shared["rescale"]:
-                trimmed = sparsify.l1_rescale(delta, trimmed)
-            delta = trimmed
-        deltas.append(delta.mul_(params["weight"]))
+            if before is not None:
+                factor = sparsify.l1_factor(before, trimmed)
+            mask = trimmed != 0  # where delta is 0 the kept value is 0 either way
+            del delta, trimmed
+        masks.append(mask)
+        factors.append(factor)
+    return _combine(inputs, others, masks, factors, elect_sign, dtype)
 
-    if elect_sign:
-        mixed, divisor = _sum_agreeing(deltas, weights)
-    else:
-        mixed = _sum(deltas)
-        divisor = sum(weights)
-        if abs(divisor) < 1e-8:
-            divisor = 1.0
-    if inputs.shared["normalize"]:
-        mixed.div_(divisor)
-    if inputs.shared["lambda"] != 1:
-        mixed.mul_(inputs.shared["lambda"])
-    return mixed.add_(base)
+
+def _combine(
+    inputs: MergeInputs, others: list, masks: list, factors: list, elect_sign: bool,
+    dtype: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """base + lambda * (sign-agreeing or plain) sum of w_i * trimmed task vectors, computed
+    in cache-sized chunks on CPUs from the inputs and the trim masks: no full-size fp32
+    copies of the task vectors."""
+    base = inputs.base.reshape(-1)
+    weights = [params["weight"] for _, _, params in others]
+    models = [tensor.reshape(-1) for _, tensor, _ in others]
+    flat_masks = [None if m is None else m.reshape(-1) for m in masks]
+    normalize, lam = inputs.shared["normalize"], inputs.shared["lambda"]
+    out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    step = CPU_CHUNK if base.device.type == "cpu" else max(base.numel(), 1)
+    for lo in range(0, base.numel(), step):
+        b = base[lo : lo + step]
+        deltas = []
+        for model, mask, factor, weight in zip(models, flat_masks, factors, weights):
+            delta = model[lo : lo + step].to(dtype, copy=True).sub_(b)  # never the input
+            if factor is not None:
+                delta.mul_(factor)
+            delta.mul_(weight)
+            deltas.append(delta if mask is None else delta.mul_(mask[lo : lo + step]))
+        if elect_sign:
+            mixed = _sum_agreeing(deltas, weights, normalize)
+        else:
+            mixed = _sum(deltas)
+            if normalize:
+                divisor = sum(weights)
+                mixed.div_(divisor if abs(divisor) >= 1e-8 else 1.0)
+        if lam != 1:
+            mixed.mul_(lam)
+        out[lo : lo + step] = mixed.add_(b)
+    return out.reshape(inputs.base.shape)
 
 
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -67,27 +94,20 @@ def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _sum_agreeing(
-    deltas: list[torch.Tensor], weights: list[float]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """TIES sign election by summed mass (a zero sum elects +), then the agreeing sum.
-
-    Elementwise, so done in cache-sized chunks on CPUs (about twice as fast)."""
-    flat = [d.reshape(-1) for d in deltas]
-    mixed = torch.empty_like(flat[0])
-    divisor = torch.empty_like(flat[0])
-    step = CPU_CHUNK if flat[0].device.type == "cpu" else flat[0].numel()
-    for lo in range(0, flat[0].numel(), max(step, 1)):
-        chunk = [f[lo : lo + step] for f in flat]
-        positive = _sum(chunk) >= 0
-        out, den = mixed[lo : lo + step], divisor[lo : lo + step]
-        out.zero_()
-        den.zero_()
-        for delta, weight in zip(chunk, weights):
-            agrees = torch.where(positive, delta > 0, delta < 0)
-            out.add_(delta * agrees)
-            den.add_(agrees, alpha=weight)
-    divisor[divisor == 0] = 1
-    return mixed.reshape(deltas[0].shape), divisor.reshape(deltas[0].shape)
+    deltas: list[torch.Tensor], weights: list[float], normalize: bool
+) -> torch.Tensor:
+    """TIES sign election by summed mass (a zero sum elects +), then the sum of the agreeing
+    entries, divided by their weights' sum (1 where none agree) when normalizing."""
+    positive = _sum(deltas) >= 0
+    mixed = torch.zeros_like(deltas[0])
+    divisor = torch.zeros_like(deltas[0])
+    for delta, weight in zip(deltas, weights):
+        agrees = torch.where(positive, delta > 0, delta < 0)
+        mixed.add_(delta * agrees)
+        divisor.add_(agrees, alpha=weight)
+    if normalize:
+        mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+    return mixed
 
 
 def family_params(default_normalize: bool, default_rescale: bool) -> tuple[Param, ...]:

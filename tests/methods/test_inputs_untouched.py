@@ -1,0 +1,39 @@
+"""No method writes into its inputs: workers hand them views of reused read buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raymerge.methods import REGISTRY
+from raymerge.methods.base import MergeInputs
+
+EXAMPLE_VALUES = {"t": 0.5, "weight": 0.7, "density": 0.5}
+
+
+def example_inputs(method) -> MergeInputs:
+    count = max(method.min_inputs, min(3, method.max_inputs or 3))
+    base_index = None if method.base == "ignored" else 0
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(6, 10, generator=g) for _ in range(count)]
+    shared = {
+        p.name: EXAMPLE_VALUES.get(p.name, p.default) for p in method.params if p.scope == "shared"
+    }
+    per_input = []
+    for i in range(count):
+        scopes = ("input",) if i == base_index else ("input", "non_base")
+        per_input.append({
+            p.name: EXAMPLE_VALUES.get(p.name, p.default)
+            for p in method.params if p.scope in scopes
+        })  # fmt: skip
+    return MergeInputs("model.layers.0.mlp.up_proj.weight", tensors, base_index, shared, per_input)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_method_leaves_inputs_untouched(name):
+    inputs = example_inputs(REGISTRY[name])
+    before = [t.clone() for t in inputs.tensors]
+    merged = REGISTRY[name].merge(inputs)
+    assert merged.shape == before[0].shape and torch.isfinite(merged).all()
+    for original, after in zip(before, inputs.tensors):
+        assert torch.equal(original, after), f"{name} wrote into an input"
