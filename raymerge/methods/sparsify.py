@@ -86,14 +86,13 @@ def _radix_select(keys: torch.Tensor, k: int, non_negative: bool) -> tuple[int, 
     return ((bucket - offset) << 16) | value, above + greater + int(low[value]) - k
 
 
-def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the k = int(density * n) largest-magnitude entries (mergekit's `magnitude`)."""
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
+    """The k = int(density * n) largest-magnitude entries (mergekit's `magnitude` trim), as a
+    mask; None when that is all of them."""
     k = keep_count(density, delta.numel())
     if k == delta.numel():
-        return delta
-    flat = delta.reshape(-1)
-    mask = top_k_mask(flat.abs(), k, non_negative=True)
-    return flat.mul_(mask).reshape(delta.shape)  # in place: the caller owns `delta`
+        return None
+    return top_k_mask(delta.reshape(-1).abs(), k, non_negative=True).reshape(delta.shape)
 
 
 def l1_factor(

@@ -17,14 +17,9 @@ from raymerge.methods.base import MergeInputs, MergeMethod, Param, compute_dtype
 CPU_CHUNK = 1 << 16  # elements per chunk: the chunk's scratch stays in cache
 
 # trim(delta, this model's parameters, inputs, the model's position among the inputs)
-# -> the trimmed delta (may be `delta` itself)
-Trim = Callable[[torch.Tensor, dict[str, Any], MergeInputs, int], torch.Tensor]
-
-
-def trim_magnitude(
-    delta: torch.Tensor, params: dict[str, Any], inputs: MergeInputs, position: int
-) -> torch.Tensor:
-    return sparsify.magnitude(delta, params["density"])
+# -> the trimmed delta (may be `delta` itself), or the boolean mask of the entries kept
+# (None: all), which saves two passes over the tensor
+Trim = Callable[[torch.Tensor, dict[str, Any], MergeInputs, int], torch.Tensor | None]
 
 
 def merge(inputs: MergeInputs, trim: Trim | None, elect_sign: bool) -> torch.Tensor:
@@ -40,11 +35,16 @@ def merge(inputs: MergeInputs, trim: Trim | None, elect_sign: bool) -> torch.Ten
         if trim is not None:
             delta = tensor.to(dtype, copy=True).sub_(base)  # mixed dtypes: no fp32 base copy
             before = delta.abs().sum() if inputs.shared["rescale"] else None
-            trimmed = trim(delta, params, inputs, position)
-            if before is not None:
-                factor = sparsify.l1_factor(before, trimmed)
-            mask = trimmed != 0  # where delta is 0 the kept value is 0 either way
-            del delta, trimmed
+            kept = trim(delta, params, inputs, position)
+            if kept is None or kept.dtype == torch.bool:
+                mask = kept
+                if before is not None and mask is not None:
+                    factor = sparsify.l1_factor(before, delta.mul_(mask))
+            else:
+                if before is not None:
+                    factor = sparsify.l1_factor(before, kept)
+                mask = kept != 0  # where delta is 0 the kept value is 0 either way
+            del delta, kept
         masks.append(mask)
         factors.append(factor)
     return _combine(inputs, others, masks, factors, elect_sign, dtype)

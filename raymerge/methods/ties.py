@@ -19,10 +19,10 @@ from raymerge.methods.base import MergeInputs, Param
 
 def trim(
     delta: torch.Tensor, params: dict[str, Any], inputs: MergeInputs, position: int
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     if inputs.shared["density_scope"] == "global":
         return sparsify.threshold_trim(delta, params["_threshold"], params["_ties"])
-    return sparsify.magnitude(delta, params["density"])
+    return sparsify.magnitude_mask(delta, params["density"])
 
 
 DENSITY_SCOPE = Param(
