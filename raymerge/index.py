@@ -89,8 +89,11 @@ def verify(out: str) -> VerifyReport:
             "(an unfinished run? rerun `raymerge run` with the same config to resume)"
         )
     try:
+        # no Arrow thread pools: they can abort the interpreter at exit (apache/arrow#34314)
         table = pq.read_table(
-            io.BytesIO(source.read_range(TENSOR_INDEX, 0, source.size(TENSOR_INDEX)))
+            io.BytesIO(source.read_range(TENSOR_INDEX, 0, source.size(TENSOR_INDEX))),
+            use_threads=False,
+            pre_buffer=False,
         )
     except (pa.ArrowInvalid, OSError) as exc:
         raise CheckpointError(f"{source.describe(TENSOR_INDEX)}: unreadable ({exc})") from None
