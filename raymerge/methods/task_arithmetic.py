@@ -65,10 +65,10 @@ def _combine(
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
     step = CPU_CHUNK if base.device.type == "cpu" else max(base.numel(), 1)
     for lo in range(0, base.numel(), step):
-        b = base[lo : lo + step]
+        b = base[lo : lo + step].to(dtype)
         deltas = []
         for model, mask, factor, weight in zip(models, flat_masks, factors, weights):
-            delta = model[lo : lo + step].to(dtype, copy=True).sub_(b)  # never the input
+            delta = torch.sub(model[lo : lo + step], b)  # a new fp32 tensor, never the input
             if factor is not None:
                 delta.mul_(factor)
             delta.mul_(weight)
@@ -97,15 +97,20 @@ def _sum_agreeing(
     deltas: list[torch.Tensor], weights: list[float], normalize: bool
 ) -> torch.Tensor:
     """TIES sign election by summed mass (a zero sum elects +), then the sum of the agreeing
-    entries, divided by their weights' sum (1 where none agree) when normalizing."""
-    positive = _sum(deltas) >= 0
+    entries, divided by their weights' sum (1 where none agree) when normalizing.
+
+    With s = +1 or -1 the elected sign, the agreeing sum is s * sum_i relu(s * d_i): three
+    cheap ops per model instead of a select."""
+    sign = torch.where(_sum(deltas) >= 0, 1.0, -1.0).to(deltas[0].dtype)
     mixed = torch.zeros_like(deltas[0])
-    divisor = torch.zeros_like(deltas[0])
+    divisor = torch.zeros_like(deltas[0]) if normalize else None
     for delta, weight in zip(deltas, weights):
-        agrees = torch.where(positive, delta > 0, delta < 0)
-        mixed.add_(delta * agrees)
-        divisor.add_(agrees, alpha=weight)
-    if normalize:
+        aligned = delta.mul_(sign)  # the caller's scratch: safe to overwrite
+        if divisor is not None:
+            divisor.add_(aligned > 0, alpha=weight)
+        mixed.add_(aligned.clamp_min_(0))
+    mixed.mul_(sign)
+    if divisor is not None:
         mixed.div_(divisor.masked_fill_(divisor == 0, 1))
     return mixed
 
