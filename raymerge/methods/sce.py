@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from raymerge.methods import sparsify
+from raymerge.methods import sparsify, task_arithmetic
 from raymerge.methods.base import MergeInputs, MergeMethod, Param, compute_dtype
 
 
@@ -80,13 +80,7 @@ METHODS = (
         name="sce",
         merge=merge,
         params=(
-            Param(
-                "int8_mask",
-                bool,
-                "shared",
-                default=False,
-                help="accepted for mergekit configs; memory only, no effect here",
-            ),
+            task_arithmetic.INT8_MASK,
             Param(
                 "select_topk",
                 float,

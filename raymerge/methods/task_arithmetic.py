@@ -115,6 +115,12 @@ def _sum_agreeing(
     return mixed
 
 
+INT8_MASK = Param(
+    "int8_mask", bool, "shared", default=False,
+    help="accepted for mergekit configs; memory only, no effect here",
+)  # fmt: skip
+
+
 def family_params(default_normalize: bool, default_rescale: bool) -> tuple[Param, ...]:
     return (
         Param("weight", float, "non_base", help="this model's weight"),
@@ -142,13 +148,7 @@ def family_params(default_normalize: bool, default_rescale: bool) -> tuple[Param
             help="rescale a trimmed task vector to its original L1 norm",
         ),
         Param("lambda", float, "shared", default=1.0, help="scale of the merged task vector"),
-        Param(
-            "int8_mask",
-            bool,
-            "shared",
-            default=False,
-            help="accepted for mergekit configs; memory only, no effect here",
-        ),
+        INT8_MASK,
     )
 
 

@@ -1,8 +1,8 @@
 """dare_linear and dare_ties against a slow reference, statistics (§4), edges, determinism.
 
 The reference draws the same uniforms from the generator, but thresholds, rescales, elects
-signs and combines element by element in float64 on its own. `family` and `l1_rescale` are
-shared with the breadcrumbs and della tests.
+signs and combines element by element in float64 on its own, with `family` from
+tests/reference.py, shared with the TIES, breadcrumbs and della tests.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from raymerge.methods import REGISTRY
 from raymerge.methods import random as rng
 from raymerge.methods.base import MergeInputs
-from tests.reference import as_f32
+from tests.reference import family
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -39,40 +39,6 @@ def run(method, tensors, base_index, per_input, shared=None, name="t", seed=0):
 def randoms(count, shape=(9, 13), dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=g).to(dtype) for _ in range(count)]
-
-
-def l1_rescale(original: list[float], trimmed: list[float]) -> list[float]:
-    before = sum(abs(v) for v in original)
-    after = sum(abs(v) for v in trimmed)
-    if before < 1e-7 or after < 1e-7:
-        return trimmed
-    return [v * before / after for v in trimmed]
-
-
-def family(base, tensors, weights, trims, elect, normalize, rescale, lam=1.0):
-    """base + lam * combine(w_i * trim_i(x_i - base)), entry by entry in float64.
-
-    trims[i] maps model i's flat fp32 delta (a list) to its trimmed list.
-    """
-    b = as_f32(base)
-    deltas = []
-    for tensor, trim in zip(tensors, trims):
-        flat = (as_f32(tensor) - b).reshape(-1).tolist()  # fp32 delta, as the fast path
-        trimmed = trim(flat)
-        deltas.append(l1_rescale(flat, trimmed) if rescale else trimmed)
-    out = []
-    for j in range(b.numel()):
-        vals = [w * d[j] for w, d in zip(weights, deltas)]
-        if elect:
-            positive = sum(vals) >= 0
-            agree = [(v > 0) if positive else (v < 0) for v in vals]
-            mixed = sum(v for v, a in zip(vals, agree) if a)
-            divisor = sum(w for w, a in zip(weights, agree) if a) or 1.0
-        else:
-            mixed = sum(vals)
-            divisor = sum(weights) if abs(sum(weights)) >= 1e-8 else 1.0
-        out.append((mixed / divisor if normalize else mixed) * lam)
-    return b.double() + torch.tensor(out, dtype=torch.float64).reshape(b.shape)
 
 
 def dare_trim(density, seed, name, position):
