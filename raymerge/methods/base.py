@@ -95,6 +95,12 @@ class MergeInputs:
     def base(self) -> torch.Tensor | None:
         return None if self.base_index is None else self.tensors[self.base_index]
 
+    def task_vectors(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The base and every other input's x_i - base, in the compute dtype (new tensors)."""
+        dtype = compute_dtype(self.base)
+        base = self.base.to(dtype)
+        return base, [tensor.to(dtype) - base for _, tensor, _ in self.others()]
+
     def others(self) -> list[tuple[int, torch.Tensor, dict[str, Any]]]:
         """The non-base inputs as (position among the inputs, tensor, parameters)."""
         return [

@@ -16,13 +16,11 @@ from __future__ import annotations
 import torch
 
 from raymerge.methods import sparsify, task_arithmetic
-from raymerge.methods.base import MergeInputs, MergeMethod, Param, compute_dtype
+from raymerge.methods.base import MergeInputs, MergeMethod, Param
 
 
 def merge(inputs: MergeInputs) -> torch.Tensor:
-    dtype = compute_dtype(inputs.base)
-    base = inputs.base.to(dtype)
-    deltas = [tensor.to(dtype) - base for _, tensor, _ in inputs.others()]
+    base, deltas = inputs.task_vectors()
     if not deltas:
         return base
     select_topk = inputs.shared["select_topk"]
