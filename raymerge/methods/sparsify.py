@@ -76,11 +76,12 @@ def _radix_select(keys: torch.Tensor, k: int, non_negative: bool) -> tuple[int, 
     offset = 0 if non_negative else 1 << 15  # arithmetic shift gives -32768..32767: move up
     counts = torch.zeros(1 << 16, dtype=torch.int64)
     for piece in keys.split(RADIX_CHUNK):  # chunks: no full-size temporaries
-        counts += torch.bincount((piece >> 16) + offset, minlength=1 << 16)
+        high = piece >> 16
+        counts += torch.bincount(high.add_(offset) if offset else high, minlength=1 << 16)
     bucket, above = split(counts.numpy(), k)
     low = torch.zeros(1 << 16, dtype=torch.int64)
     for piece in keys.split(RADIX_CHUNK):
-        inside = piece[(piece >> 16) + offset == bucket]
+        inside = piece[(piece >> 16) == bucket - offset]
         low += torch.bincount(inside & 0xFFFF, minlength=1 << 16)
     value, greater = split(low.numpy(), k - above)
     return ((bucket - offset) << 16) | value, above + greater + int(low[value]) - k
@@ -92,7 +93,8 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
     k = keep_count(density, delta.numel())
     if k == delta.numel():
         return None
-    return top_k_mask(delta.reshape(-1).abs(), k, non_negative=True).reshape(delta.shape)
+    # |delta| in place: the caller owns `delta` and needs at most its magnitudes afterwards
+    return top_k_mask(delta.reshape(-1).abs_(), k, non_negative=True).reshape(delta.shape)
 
 
 def l1_factor(

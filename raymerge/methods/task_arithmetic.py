@@ -18,7 +18,8 @@ CPU_CHUNK = 1 << 16  # elements per chunk: the chunk's scratch stays in cache
 
 # trim(delta, this model's parameters, inputs, the model's position among the inputs)
 # -> the trimmed delta (may be `delta` itself), or the boolean mask of the entries kept
-# (None: all), which saves two passes over the tensor
+# (None: all), which saves two passes over the tensor. A trim may overwrite `delta`; one
+# that returns a mask must leave at least |delta| there (for the L1 rescale).
 Trim = Callable[[torch.Tensor, dict[str, Any], MergeInputs, int], torch.Tensor | None]
 
 

@@ -80,6 +80,24 @@ def test_ties_matches_reference(dtype, densities):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_with_rescale_and_lambda_matches_reference(dtype):
+    *models, base = randoms(4, shape=(9, 13), dtype=dtype, seed=5)
+    weights, densities = [0.9, -0.4, 0.5], [0.4, 0.7, 0.2]
+    got = run(
+        "ties",
+        [base] + models,
+        base_index=0,
+        shared={"rescale": True, "lambda": 0.7},
+        per_input=[{}] + [{"weight": w, "density": d} for w, d in zip(weights, densities)],
+    )
+    trims = [reference.magnitude_trim_list(d) for d in densities]
+    want = reference.family(
+        base, models, weights, trims, elect=True, normalize=True, rescale=True, lam=0.7
+    )
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_ties_sign_ties_and_zeros():
     base = torch.zeros(6)
     a = torch.tensor([1.0, -1.0, 0.0, 2.0, 0.0, -3.0])
