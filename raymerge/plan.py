@@ -23,7 +23,6 @@ from raymerge.mapping import TensorJob, map_tensors, output_shape
 from raymerge.safetensors_format import TensorEntry, build_header
 from raymerge.spec import MergeSpec
 
-S3_MIN_PART = 5 * 2**20
 # bytes of fp32 scratch per element and input that the task-vector family may hold at once
 SCRATCH_FP32_PER_INPUT = 4
 

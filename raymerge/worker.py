@@ -18,12 +18,10 @@ from raymerge import global_topk
 from raymerge.dtypes import torch_dtype
 from raymerge.errors import MergeFailed
 from raymerge.methods import REGISTRY
-from raymerge.methods.base import MergeInputs
+from raymerge.methods.base import CPU_CHUNK, MergeInputs
 from raymerge.plan import OutputTensor, Part
 from raymerge.storage import open_destination, open_source
 from raymerge.storage.base import Destination, Source
-
-CPU_CHUNK = 1 << 16  # elements per chunk for elementwise methods: fp32 scratch stays in cache
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import torch
 
 REQUIRED = object()
+# elements per chunk where CPU work goes chunk by chunk: a chunk's fp32 scratch stays in cache
+CPU_CHUNK = 1 << 16
 Scope = Literal["shared", "input", "non_base"]
 BasePolicy = Literal["required", "optional", "ignored"]
 

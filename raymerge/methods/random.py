@@ -17,8 +17,9 @@ import math
 
 import torch
 
+from raymerge.methods.base import CPU_CHUNK
+
 # elements drawn at a time: cache-sized on CPU, large enough on accelerators to hide launches
-CPU_CHUNK = 1 << 16
 DEVICE_CHUNK = 1 << 22
 BITS = 53
 ONE = 1 << BITS  # 2^53: uniform = bits / ONE

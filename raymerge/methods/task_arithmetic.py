@@ -12,9 +12,7 @@ from typing import Any
 import torch
 
 from raymerge.methods import sparsify
-from raymerge.methods.base import MergeInputs, MergeMethod, Param, compute_dtype
-
-CPU_CHUNK = 1 << 16  # elements per chunk: the chunk's scratch stays in cache
+from raymerge.methods.base import CPU_CHUNK, MergeInputs, MergeMethod, Param, compute_dtype
 
 # trim(delta, this model's parameters, inputs, the model's position among the inputs)
 # -> the trimmed delta (may be `delta` itself), or the boolean mask of the entries kept
