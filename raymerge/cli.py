@@ -76,7 +76,12 @@ def _overrides(**kwargs: Any) -> dict[str, Any]:
     help="merge on GPUs: each worker actor holds this many",
 )
 @click.option("--shard-size", help="output shard size, e.g. 5GB (default) or 500MiB")
-@click.option("--part-size", help="work unit size, e.g. 64MiB (default)")
+@click.option("--part-size", help="write part size, e.g. 64MiB (default)")
+@click.option(
+    "--worker-memory",
+    help="bound on what one worker holds, e.g. 4GiB (default: half the node's memory over its "
+    "workers); larger tensors are merged in row ranges",
+)
 @click.option("--dtype", help="output dtype (bfloat16, float16, float32); overrides the config")
 @click.option("--seed", type=click.IntRange(min=0), help="seed for random methods (default 0)")
 @click.option("--force", is_flag=True, help="overwrite raymerge's files in a non-empty OUT")
@@ -92,6 +97,7 @@ def run(
     gpus_per_worker: float,
     shard_size: str | None,
     part_size: str | None,
+    worker_memory: str | None,
     dtype: str | None,
     seed: int | None,
     force: bool,
@@ -101,6 +107,7 @@ def run(
     """Merge the models in CONFIG into the folder OUT."""
     from raymerge.config import load_spec
     from raymerge.runner import RunOptions, run_merge
+    from raymerge.sizes import parse_size
 
     spec = load_spec(
         config, _overrides(shard_size=shard_size, part_size=part_size, dtype=dtype, seed=seed)
@@ -115,6 +122,7 @@ def run(
         force=force,
         fsync=fsync,
         progress=not no_progress,
+        worker_memory=parse_size(worker_memory, "--worker-memory") if worker_memory else None,
     )
     summary = run_merge(spec, out, options, log=lambda line: click.echo(line, err=True))
     for line in summary.lines():
@@ -124,21 +132,34 @@ def run(
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--shard-size", help="output shard size, e.g. 5GB (default)")
-@click.option("--part-size", help="work unit size, e.g. 64MiB (default)")
+@click.option("--part-size", help="write part size, e.g. 64MiB (default)")
+@click.option("--worker-memory", help="bound on what one worker holds, e.g. 4GiB")
+@click.option("--workers", type=click.IntRange(min=1), help="workers the default memory is for")
 @click.option("--dtype", help="output dtype; overrides the config")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @_guard
 def plan(
-    config: str, shard_size: str | None, part_size: str | None, dtype: str | None, as_json: bool
-) -> None:
+    config: str, shard_size: str | None, part_size: str | None, worker_memory: str | None,
+    workers: int | None, dtype: str | None, as_json: bool,
+) -> None:  # fmt: skip
     """Show the plan for CONFIG without reading any weights."""
     from raymerge.checkpoint import open_checkpoint
     from raymerge.config import load_spec
+    from raymerge.methods import REGISTRY
     from raymerge.plan import make_plan
+    from raymerge.runner import default_worker_memory
+    from raymerge.sizes import parse_size
 
     spec = load_spec(config, _overrides(shard_size=shard_size, part_size=part_size, dtype=dtype))
     checkpoints = [open_checkpoint(m.path) for m in spec.inputs]
-    the_plan = make_plan(spec, checkpoints)
+    memory = (
+        parse_size(worker_memory, "--worker-memory")
+        if worker_memory
+        else default_worker_memory(workers)
+    )
+    the_plan = make_plan(spec, checkpoints, memory)
+    method = REGISTRY[the_plan.method]
+    largest = max(the_plan.units, key=lambda u: (u.memory, u.nbytes))
     report = {
         "method": the_plan.method,
         "inputs": [
@@ -153,6 +174,12 @@ def plan(
         "tensors": len(the_plan.tensors),
         "shards": [{"name": s.name, "bytes": s.size} for s in the_plan.shards],
         "parts": len(the_plan.parts),
+        "units": len(the_plan.units),
+        "split_tensors": [the_plan.tensors[i].name for i in the_plan.split_tensors()],
+        "largest_unit": {"key": largest.key, "bytes": largest.nbytes, "memory": largest.memory},
+        "worker_memory": memory,
+        "locality": method.locality,
+        "splits_tensors": method.split_problem(2) is None,
         "bytes_to_read": the_plan.bytes_to_read,
         "bytes_to_write": the_plan.bytes_to_write,
         "peak_worker_bytes": the_plan.peak_worker_bytes(),
@@ -174,11 +201,21 @@ def format_plan(report: dict[str, Any]) -> str:
     lines.append(f"shards: {len(report['shards'])}")
     for shard in report["shards"]:
         lines.append(f"  {shard['name']}  {human(shard['bytes'])}")
+    largest = report["largest_unit"]
+    split = report["split_tensors"]
     lines += [
-        f"parts (work units): {report['parts']}",
+        f"write parts: {report['parts']}",
+        f"work units: {report['units']} (largest: {human(largest['bytes'])} of output, "
+        f"{human(largest['memory'])} while merging)",
+        f"method locality: {report['locality']}"
+        + ("" if report["splits_tensors"] else " (cannot split a tensor: each must fit whole)"),
+        f"tensors split into row ranges: {len(split)}"
+        + (f" ({', '.join(split[:4])}{', ...' if len(split) > 4 else ''})" if split else ""),
         f"bytes to read: {human(report['bytes_to_read'])}",
         f"bytes to write: {human(report['bytes_to_write'])}",
-        f"peak memory per worker (estimate): {human(report['peak_worker_bytes'])}",
+        f"memory per worker: at most {human(report['peak_worker_bytes'])} of data (bound "
+        f"--worker-memory {human(report['worker_memory'])}) plus the fixed overhead of a "
+        "worker process (about 0.4 GiB)",
     ]
     return "\n".join(lines)
 

@@ -1,10 +1,21 @@
-"""The plan: a pure function of (spec, input headers) that fixes every output byte's place.
+"""The plan: a pure function of (spec, input headers, worker memory) that fixes every output
+byte's place and cuts the work.
 
 It checks the inputs agree, decides each output tensor's dtype and parameters, groups tensors
-into shards, builds each shard's safetensors header (so every tensor's absolute offset is
-known before any weight is read), and cuts each shard into parts: contiguous byte ranges of
-whole tensors, the unit of work and of retry. Nothing here depends on the number of workers,
-so the output bytes cannot either.
+into shards and builds each shard's safetensors header (so every tensor's absolute offset is
+known before any weight is read). Then two independent cuts:
+
+- *write parts*: contiguous byte ranges of a shard, whole tensors where a tensor is at most
+  `WHOLE_TENSOR_LIMIT`, each at least `part_size` bytes except a shard's last. They depend on
+  the layout and `part_size` only, never on memory or workers.
+- *work units*: the unit of scheduling, retry and resume. A unit lies inside one part and is
+  either several whole tensors or a row range of one tensor, sized so one worker's pipeline
+  (a unit merging, the next one's inputs fetched, the last one's bytes written) stays within
+  the worker memory budget. Row ranges are cut at *blocks* (fixed row ranges that depend on
+  the tensor's shape only), and whole-tensor facts are reduced over blocks, so a split tensor
+  gives the same bytes as an unsplit one.
+
+Nothing here depends on the number of workers, so the output bytes cannot either.
 """
 
 from __future__ import annotations
@@ -20,11 +31,21 @@ from raymerge.checkpoint import Checkpoint
 from raymerge.dtypes import FLOAT_DTYPES, itemsize
 from raymerge.errors import ConfigError
 from raymerge.mapping import TensorJob, map_tensors, output_shape
+from raymerge.methods import REGISTRY
 from raymerge.safetensors_format import TensorEntry, build_header
+from raymerge.sizes import human
 from raymerge.spec import MergeSpec
 
-# bytes of fp32 scratch per element and input that the task-vector family may hold at once
+# bytes of fp32 scratch per element and input that a method may hold at once, on top of one
+# fp32 copy per input
 SCRATCH_FP32_PER_INPUT = 4
+# reductions over a tensor run over blocks of about this many elements (whole rows)
+BLOCK_ELEMENTS = 1 << 20
+# tensors larger than this are cut across write parts at block boundaries (an S3 part may
+# hold at most 5 GiB, and a part's bytes are produced together)
+WHOLE_TENSOR_LIMIT = 1 << 30
+# a worker's pipeline holds up to three units at once: merging, prefetched, being written
+UNITS_IN_MEMORY = 3
 
 
 @dataclass(frozen=True)
@@ -59,17 +80,46 @@ class OutputTensor:
     def nbytes(self) -> int:
         return self.end - self.start
 
+    @property
+    def rows(self) -> int:
+        return rows_of(self.shape)[0]
+
+    @property
+    def row_elements(self) -> int:
+        return rows_of(self.shape)[1]
+
+    @property
+    def block_rows(self) -> int:
+        return max(1, BLOCK_ELEMENTS // max(1, self.row_elements))
+
+    def bytes_per_row(self) -> tuple[int, int]:
+        """(input bytes, fp32 scratch + output bytes) that merging one row takes."""
+        row = self.row_elements
+        inputs = sum(itemsize(s.dtype) for s in self.sources) * row
+        if self.op == "copy":
+            return inputs, itemsize(self.dtype) * row
+        scratch = 4 * row * (len(self.sources) + SCRATCH_FP32_PER_INPUT)
+        return inputs, scratch + itemsize(self.dtype) * row
+
+
+def rows_of(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, elements per row): rows are the first dimension; a vector's rows are its
+    elements, a scalar is one row."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return shape[0], 1
+    return shape[0], math.prod(shape[1:])
+
 
 @dataclass(frozen=True)
 class Part:
-    """A contiguous byte range of one shard: the unit of work, retry and S3 upload part."""
+    """A contiguous byte range of one shard: the unit of output I/O (an S3 upload part)."""
 
     shard: int
     number: int  # 1-based, as S3 part numbers are
     start: int
     end: int
-    header: bytes  # the shard's header bytes when this part starts the file, else b""
-    tensors: tuple[OutputTensor, ...]
 
     @property
     def nbytes(self) -> int:
@@ -81,10 +131,47 @@ class Part:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """Rows [row_start, row_end) of one output tensor (all of it when `whole`)."""
+
+    tensor: int  # index into plan.tensors
+    row_start: int
+    row_end: int
+    whole: bool
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The unit of scheduling, retry and resume: bytes [start, end) of one shard, inside one
+    write part. The unit that starts a shard also writes its header."""
+
+    index: int
+    shard: int
+    part: int
+    start: int
+    end: int
+    pieces: tuple[Piece, ...]
+    input_bytes: int  # what the worker reads
+    memory: int  # inputs + scratch + output while merging
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def key(self) -> str:
+        return f"{self.index:06d}"
+
+
+@dataclass(frozen=True)
 class Shard:
     name: str
     size: int
-    header_size: int
+    header: bytes
+
+    @property
+    def header_size(self) -> int:
+        return len(self.header)
 
 
 @dataclass(frozen=True)
@@ -93,13 +180,12 @@ class Plan:
     seed: int
     inputs: tuple[str, ...]  # checkpoint URIs, in spec order
     shards: tuple[Shard, ...]
+    tensors: tuple[OutputTensor, ...]  # in shard and offset order
     parts: tuple[Part, ...]
+    units: tuple[Unit, ...]
     digest: str
     num_layers: int = 0  # the output's layers (config.json's num_hidden_layers)
-
-    @property
-    def tensors(self) -> list[OutputTensor]:
-        return [t for part in self.parts for t in part.tensors]
+    worker_memory: int | None = None
 
     @property
     def bytes_to_write(self) -> int:
@@ -109,38 +195,45 @@ class Plan:
     def bytes_to_read(self) -> int:
         return sum(src.end - src.start for t in self.tensors for src in t.sources)
 
-    def parts_of(self, shard: int) -> list[Part]:
-        return [p for p in self.parts if p.shard == shard]
-
     def peak_worker_bytes(self) -> int:
-        """A bound on one worker's memory for its largest part: the part's output buffer plus
-        the largest tensor's inputs and fp32 scratch."""
-        peak = 0
-        for part in self.parts:
-            largest = 0
-            for t in part.tensors:
-                numel = math.prod(t.shape)
-                inputs = sum(s.end - s.start for s in t.sources)
-                largest = max(
-                    largest, inputs + numel * 4 * (len(t.sources) + SCRATCH_FP32_PER_INPUT)
-                )
-            peak = max(peak, part.nbytes + largest)
-        return peak
+        """A bound on one worker's memory for data: the largest unit merging, the largest
+        unit's inputs prefetched and the largest unit's output being written."""
+        if not self.units:
+            return 0
+        return (
+            max(u.memory for u in self.units)
+            + max(u.input_bytes for u in self.units)
+            + max(u.nbytes for u in self.units)
+        )
+
+    def split_tensors(self) -> list[int]:
+        """Indexes of the tensors cut across units."""
+        return sorted({p.tensor for u in self.units for p in u.pieces if not p.whole})
 
 
-def make_plan(spec: MergeSpec, checkpoints: list[Checkpoint]) -> Plan:
-    """Plan the merge of `checkpoints` (one per spec input, in order)."""
+def make_plan(
+    spec: MergeSpec, checkpoints: list[Checkpoint], worker_memory: int | None = None
+) -> Plan:
+    """Plan the merge of `checkpoints` (one per spec input, in order); `worker_memory` bounds
+    what one worker holds (None: no bound, units are whole parts)."""
     jobs, num_layers = map_tensors(spec, checkpoints)
     tensors = [_plan_tensor(spec, checkpoints, job) for job in jobs]
-    shards, parts = _layout(_group_into_shards(tensors, spec.shard_size), spec.part_size)
+    _check_across_tensors(spec, tensors)
+    shards, placed = _layout(_group_into_shards(tensors, spec.shard_size))
+    parts = _cut_parts(shards, placed, spec.part_size)
+    unit_limit = None if worker_memory is None else worker_memory // UNITS_IN_MEMORY
+    units = _cut_units(spec, shards, placed, parts, unit_limit, worker_memory)
     plan = Plan(
         method=spec.method.name,
         seed=spec.seed,
         inputs=tuple(c.source.root for c in checkpoints),
         shards=tuple(shards),
+        tensors=tuple(placed),
         parts=tuple(parts),
+        units=tuple(units),
         digest="",
         num_layers=num_layers,
+        worker_memory=worker_memory,
     )
     return dataclasses.replace(plan, digest=_digest(spec, checkpoints, plan))
 
@@ -153,17 +246,9 @@ def _plan_tensor(spec: MergeSpec, checkpoints: list[Checkpoint], job: TensorJob)
         source = _input_tensor(job.sources[reference][0], entries[reference])
         first = entries[reference]
         return OutputTensor(
-            job.name,
-            first.dtype,
-            first.shape,
-            -1,
-            0,
-            first.nbytes,
-            job.layer,
-            "copy",
-            (source,),
-            None,
-        )
+            job.name, first.dtype, first.shape, -1, 0, first.nbytes, job.layer, "copy",
+            (source,), None,
+        )  # fmt: skip
     shape = output_shape(spec, checkpoints, job)
     dtype = spec.out_dtype or entries[reference].dtype
     shared, per_input = spec.resolve(job.slice_index, job.name, [n for _, n in job.sources], job.t)
@@ -177,19 +262,21 @@ def _plan_tensor(spec: MergeSpec, checkpoints: list[Checkpoint], job: TensorJob)
     )
     nbytes = math.prod(shape) * itemsize(dtype)
     return OutputTensor(
-        job.name,
-        dtype,
-        shape,
-        -1,
-        0,
-        nbytes,
-        job.layer,
-        "merge",
-        sources,
-        out_slice.base,
-        shared,
-        tuple(per_input),
+        job.name, dtype, shape, -1, 0, nbytes, job.layer, "merge", sources, out_slice.base,
+        shared, tuple(per_input),
+    )  # fmt: skip
+
+
+def _check_across_tensors(spec: MergeSpec, tensors: list[OutputTensor]) -> None:
+    method = REGISTRY[spec.method.name]
+    if method.check_plan is None:
+        return
+    merged = [t for t in tensors if t.op == "merge"]
+    problem = method.check_plan(
+        [(tuple(s.input for s in t.sources), t.shared, t.per_input) for t in merged]
     )
+    if problem:
+        raise ConfigError(f"{spec.source}: {problem}")
 
 
 def _input_tensor(
@@ -220,59 +307,160 @@ def _group_into_shards(tensors: list[OutputTensor], shard_size: int) -> list[lis
     return groups
 
 
-def _layout(groups: list[list[OutputTensor]], part_size: int) -> tuple[list[Shard], list[Part]]:
-    shards, parts = [], []
+def _layout(groups: list[list[OutputTensor]]) -> tuple[list[Shard], list[OutputTensor]]:
+    shards, placed = [], []
     count = len(groups)
     for index, group in enumerate(groups):
         name = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
         header, offsets = build_header([(t.name, t.dtype, t.shape) for t in group])
-        placed = [
-            OutputTensor(
-                t.name,
-                t.dtype,
-                t.shape,
-                index,
-                off,
-                off + t.nbytes,
-                t.layer,
-                t.op,
-                t.sources,
-                t.base,
-                t.shared,
-                t.per_input,
-            )
-            for t, off in zip(group, offsets)
-        ]
-        size = len(header) + sum(t.nbytes for t in group)
-        shards.append(Shard(name, size, len(header)))
-        parts.extend(_cut_parts(index, header, placed, part_size))
-    return shards, parts
+        for t, off in zip(group, offsets):
+            placed.append(dataclasses.replace(t, shard=index, start=off, end=off + t.nbytes))
+        shards.append(Shard(name, len(header) + sum(t.nbytes for t in group), header))
+    return shards, placed
 
 
-def _cut_parts(
-    shard: int, header: bytes, tensors: list[OutputTensor], part_size: int
-) -> list[Part]:
-    """Whole tensors per part, each part at least `part_size` bytes except the last."""
+def _row_cuts(tensor: OutputTensor, step_bytes: int) -> list[int]:
+    """Block-aligned row boundaries inside `tensor`, about `step_bytes` of output apart."""
+    row_bytes = tensor.nbytes // max(1, tensor.rows)
+    block = tensor.block_rows
+    step = max(block, (step_bytes // max(1, row_bytes)) // block * block)
+    return list(range(step, tensor.rows, step))
+
+
+def _cut_parts(shards: list[Shard], tensors: list[OutputTensor], part_size: int) -> list[Part]:
+    """Whole tensors per part (a tensor over WHOLE_TENSOR_LIMIT is cut at block boundaries),
+    each part at least `part_size` bytes except a shard's last; part 1 starts at byte 0."""
     parts: list[Part] = []
-    start = 0
-    members: list[OutputTensor] = []
-    for tensor in tensors:
-        members.append(tensor)
-        if tensor.end - start >= part_size:
-            parts.append(_part(shard, len(parts) + 1, start, tensor.end, header, members))
-            start, members = tensor.end, []
-    if members:
-        parts.append(_part(shard, len(parts) + 1, start, members[-1].end, header, members))
+    for index, shard in enumerate(shards):
+        start, number = 0, 1
+        for tensor in (t for t in tensors if t.shard == index):
+            ends = [tensor.end]
+            if tensor.nbytes > WHOLE_TENSOR_LIMIT:
+                row_bytes = tensor.nbytes // tensor.rows
+                ends = [tensor.start + r * row_bytes for r in _row_cuts(tensor, part_size)] + ends
+            for end in ends:
+                if end - start >= part_size:
+                    parts.append(Part(index, number, start, end))
+                    start, number = end, number + 1
+        if start < shard.size or number == 1:
+            parts.append(Part(index, number, start, shard.size))
     return parts
 
 
-def _part(shard: int, number: int, start: int, end: int, header: bytes, members: list) -> Part:
-    return Part(shard, number, start, end, header if start == 0 else b"", tuple(members))
+def _cut_units(
+    spec: MergeSpec, shards: list[Shard], tensors: list[OutputTensor], parts: list[Part],
+    unit_limit: int | None, worker_memory: int | None,
+) -> list[Unit]:  # fmt: skip
+    """Whole tensors grouped within a part while they fit `unit_limit`; a tensor that does
+    not fit (or spans parts) is cut into block-aligned row ranges."""
+    units: list[Unit] = []
+    by_shard: dict[int, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_shard.setdefault(t.shard, []).append(i)
+    for part in parts:
+        group: list[Piece] = []
+        for i in by_shard.get(part.shard, []):
+            tensor = tensors[i]
+            if tensor.end <= part.start or tensor.start >= part.end:
+                continue
+            pieces = _pieces(spec, i, tensor, part, unit_limit, worker_memory)
+            if len(pieces) == 1 and pieces[0].whole:
+                if (
+                    group
+                    and unit_limit is not None
+                    and (_memory(tensors, group + pieces) > unit_limit)
+                ):
+                    units.append(_unit(len(units), part, tensors, shards, group))
+                    group = []
+                group += pieces
+                continue
+            if group:
+                units.append(_unit(len(units), part, tensors, shards, group))
+                group = []
+            units.extend(_unit(len(units) + k, part, tensors, shards, [p]) for k, p in
+                         enumerate(pieces))  # fmt: skip
+        if group or not units or units[-1].end < part.end:
+            units.append(_unit(len(units), part, tensors, shards, group))
+    return units
+
+
+def _pieces(
+    spec: MergeSpec, index: int, tensor: OutputTensor, part: Part, unit_limit: int | None,
+    worker_memory: int | None,
+) -> list[Piece]:  # fmt: skip
+    """The pieces of `tensor` inside `part`: the whole tensor when it fits, else row ranges."""
+    row_bytes = tensor.nbytes // max(1, tensor.rows)
+    first = max(0, (part.start - tensor.start) // max(1, row_bytes))
+    last = tensor.rows if tensor.end <= part.end else (part.end - tensor.start) // row_bytes
+    inputs, other = tensor.bytes_per_row()
+    per_row = inputs + other
+    whole_in_part = first == 0 and last == tensor.rows
+    if whole_in_part and (unit_limit is None or per_row * tensor.rows <= unit_limit):
+        return [Piece(index, 0, tensor.rows, True)]
+    if unit_limit is not None and per_row * tensor.block_rows > unit_limit:
+        raise ConfigError(_too_big(tensor, per_row * tensor.block_rows, worker_memory, "block"))
+    if not whole_in_part or unit_limit is not None:
+        _check_splittable(spec, tensor, per_row * tensor.rows, worker_memory)
+    step_rows = tensor.rows if unit_limit is None else unit_limit // per_row
+    step_rows = max(tensor.block_rows, step_rows // tensor.block_rows * tensor.block_rows)
+    cuts = list(range(first, last, step_rows)) + [last]
+    return [Piece(index, lo, hi, False) for lo, hi in zip(cuts, cuts[1:])]
+
+
+def _check_splittable(spec: MergeSpec, tensor: OutputTensor, need: int, memory: int | None):
+    if tensor.op == "copy":
+        return
+    method = REGISTRY[spec.method.name]
+    problem = method.split_problem(len(tensor.shape))
+    if problem is not None:
+        raise ConfigError(_too_big(tensor, need, memory, problem))
+
+
+def _too_big(tensor: OutputTensor, need: int, memory: int | None, why: str) -> str:
+    if why == "block":
+        return (
+            f"tensor {tensor.name!r} {list(tensor.shape)}: one block of rows needs "
+            f"{human(need)} per worker, more than a third of --worker-memory "
+            f"{human(memory or 0)}; raise --worker-memory"
+        )
+    return (
+        f"tensor {tensor.name!r} {list(tensor.shape)} needs {human(need)} to merge whole, more "
+        f"than a third of --worker-memory {human(memory or 0)}, and {why}; raise "
+        f"--worker-memory to at least {human(need * UNITS_IN_MEMORY)}"
+    )
+
+
+def _memory(tensors: list[OutputTensor], pieces: list[Piece]) -> int:
+    total = 0
+    for p in pieces:
+        inputs, other = tensors[p.tensor].bytes_per_row()
+        total += (inputs + other) * (p.row_end - p.row_start)
+    return total
+
+
+def _unit(index: int, part: Part, tensors: list[OutputTensor], shards: list[Shard],
+          pieces: list[Piece]) -> Unit:  # fmt: skip
+    """A unit covering its pieces' bytes; the first unit of a part starts at the part."""
+    if pieces:
+        first, last = tensors[pieces[0].tensor], tensors[pieces[-1].tensor]
+        start = first.start + pieces[0].row_start * (first.nbytes // max(1, first.rows))
+        end = last.start + pieces[-1].row_end * (last.nbytes // max(1, last.rows))
+    else:
+        start = end = part.end
+    if start <= shards[part.shard].header_size:
+        start = part.start  # the header (and any padding) goes with the first tensor
+    inputs = sum(tensors[p.tensor].bytes_per_row()[0] * (p.row_end - p.row_start) for p in pieces)
+    return Unit(index, part.shard, part.number, start, end, tuple(pieces), inputs,
+                _memory(tensors, pieces) if pieces else 0)  # fmt: skip
 
 
 def _digest(spec: MergeSpec, checkpoints: list[Checkpoint], plan: Plan) -> str:
-    """Identifies the merge: same spec, same input files and same layout give the same value."""
+    """Identifies the merge: same spec, same input files, same layout and the same raymerge
+    version give the same value (units are not in it: they change with --worker-memory)."""
+    from raymerge import __version__
+
     record = {
+        "version": __version__,
         "spec": spec.to_json(),
         "inputs": [sorted(c.fingerprints.items()) for c in checkpoints],
         "shards": [(s.name, s.size) for s in plan.shards],

@@ -1,25 +1,36 @@
-"""A pool of Ray worker actors that runs parts: largest first, two in flight per actor, a
-failed part retried on another actor, a dead actor replaced.
+"""A pool of Ray worker actors that runs work items: largest first, a pipeline's worth in
+flight per actor, a failed item retried on another actor, a lost actor replaced (and used
+only once it is ready), a deadline per item, and a clear failure when no live worker can run
+what is left.
 
 The pool only schedules: the actors read, merge and write themselves and return small
-results (checksums, histograms). Planning never depends on the pool's size.
+results (checksums, statistics). Planning never depends on the pool's size. Importing this
+module does not import torch: the actor class imports the worker inside its process.
 """
 
 from __future__ import annotations
 
+import heapq
 import os
 import time
-from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from raymerge.errors import ConfigError, MergeFailed, RaymergeError
-from raymerge.plan import Part
 from raymerge.ray_cluster import cluster_resources
-from raymerge.worker import PartRunner, WorkContext
 
-IN_FLIGHT_PER_WORKER = 2  # one merging, one queued, so a worker never waits on the driver
+IN_FLIGHT_PER_WORKER = 3  # the worker's pipeline depth: fetching, merging, writing
+READY_TIMEOUT_S = 120.0  # a worker actor that is not up by then cannot be placed
+MIN_DEADLINE_S = 300.0  # an item that takes longer than this (plus its bytes at
+DEADLINE_BYTES_PER_S = 20e6  # this rate) is taken to hang: its actor is replaced
+
+
+class Item(Protocol):
+    key: str
+
+    @property
+    def nbytes(self) -> int: ...
 
 
 @dataclass
@@ -29,38 +40,42 @@ class PoolOptions:
     gpus_per_worker: float = 0.0
     max_attempts: int = 3
     runtime_env: dict | None = None
+    memory_per_worker: int | None = None  # bytes requested from Ray per actor
+    deadline_s: float | None = None  # per item; None: from its size
 
 
 class _WorkerActor:
-    """A Ray actor around PartRunner; one per worker slot."""
+    """A Ray actor around worker.UnitRunner; one per worker slot."""
 
-    def __init__(self, context: WorkContext, threads: int) -> None:
+    def __init__(self, context: Any, threads: int) -> None:
         import torch
 
+        from raymerge.worker import UnitRunner
+
         torch.set_num_threads(threads)
-        self.runner = PartRunner(context)
+        self.runner = UnitRunner(context)
 
     def ready(self) -> bool:
         return True
 
-    def run(self, part: Part, payload: Any = None) -> Any:
-        _maybe_inject_fault(part)
-        return self.runner.run(part)
+    def run(self, item: Any, payload: Any = None) -> Any:
+        _maybe_inject_fault(item)
+        return self.runner.run(item, payload)
 
-    def statistic(self, part: Part, payload: Any) -> Any:
-        _maybe_inject_fault(part)
-        return self.runner.statistic(part, payload)
+    def statistic(self, item: Any, payload: Any) -> Any:
+        _maybe_inject_fault(item)
+        return self.runner.statistic(item, payload)
 
 
-def _maybe_inject_fault(part: Part) -> None:
-    """Test hook: RAYMERGE_FAULT=(raise|exit|hang):PART_KEY:MARKER_DIR fails that part once
+def _maybe_inject_fault(item: Any) -> None:
+    """Test hook: RAYMERGE_FAULT=(raise|exit|hang):ITEM_KEY:MARKER_DIR fails that item once
     (raises, kills the worker process, or never returns)."""
     spec = os.environ.get("RAYMERGE_FAULT")
     if not spec:
         return
     mode, key, marker_dir = spec.split(":", 2)
     marker = os.path.join(marker_dir, f"fault-{key}")
-    if part.key != key or os.path.exists(marker):
+    if item.key != key or os.path.exists(marker):
         return
     with open(marker, "w") as f:
         f.write(str(os.getpid()))
@@ -68,64 +83,110 @@ def _maybe_inject_fault(part: Part) -> None:
         os._exit(1)
     if mode == "hang":
         time.sleep(3600)
-    raise OSError(f"injected fault on part {key}")
+    raise OSError(f"injected fault on {key}")
 
 
 class WorkerPool:
-    def __init__(self, context: WorkContext, options: PoolOptions, max_parts: int) -> None:
+    def __init__(self, context: Any, options: PoolOptions, pending: int) -> None:
         import ray
-        from ray.exceptions import RayActorError
 
-        self.context = context
         self.options = options
-        count = worker_count(options, max_parts)
-        actor_options = {"num_cpus": options.cpus_per_worker, "num_gpus": options.gpus_per_worker}
+        count = worker_count(options, pending)
+        actor_options: dict[str, Any] = {
+            "num_cpus": options.cpus_per_worker,
+            "num_gpus": options.gpus_per_worker,
+            "max_concurrency": IN_FLIGHT_PER_WORKER + 1,
+        }
+        if options.memory_per_worker:
+            actor_options["memory"] = options.memory_per_worker
         if options.runtime_env:
             actor_options["runtime_env"] = options.runtime_env
         self.actor_class = ray.remote(_WorkerActor).options(**actor_options)
+        self.context_ref = ray.put(context)
         self.threads = max(1, int(options.cpus_per_worker))
-        self.actors = {i: self._start() for i in range(count)}
-        self.next_id = count
+        self.actors: dict[int, Any] = {}
+        self.starting: dict[Any, tuple[int, Any, float]] = {}  # ready ref -> (id, actor, since)
+        self.next_id = 0
         self.spares = count  # replacements allowed for actors that die
-        try:
-            ray.get([actor.ready.remote() for actor in self.actors.values()])
-        except RayActorError as exc:
-            raise MergeFailed(
-                f"worker actors failed to start ({exc}); is raymerge installed on every Ray "
-                "node? (see docs/cluster.md)"
-            ) from None
+        self.restarts = 0
+        for _ in range(count):
+            self._start()
 
-    def _start(self):
-        return self.actor_class.remote(self.context, self.threads)
+    def _start(self) -> None:
+        actor = self.actor_class.remote(self.context_ref, self.threads)
+        self.starting[actor.ready.remote()] = (self.next_id, actor, time.monotonic())
+        self.next_id += 1
+
+    def _admit(self, timeout: float) -> None:
+        """Move actors that became ready into service; fail the ones that cannot start."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        if not self.starting:
+            return
+        ready, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=timeout)
+        for ref in ready:
+            actor_id, actor, _ = self.starting.pop(ref)
+            try:
+                ray.get(ref)
+            except RayActorError as exc:
+                self._start_failed(f"{exc}")
+                continue
+            self.actors[actor_id] = actor
+        now = time.monotonic()
+        for ref, (_, actor, since) in list(self.starting.items()):
+            if now - since > READY_TIMEOUT_S:
+                del self.starting[ref]
+                ray.kill(actor)
+                self._start_failed(f"not placed within {READY_TIMEOUT_S:.0f} s")
+
+    def _start_failed(self, why: str) -> None:
+        if not self.actors and not self.starting:
+            raise MergeFailed(
+                f"worker actors failed to start ({why}); is raymerge installed on every Ray "
+                "node, and does the cluster have the CPUs, GPUs and memory each worker asks "
+                "for? (see docs/cluster.md)"
+            )
 
     def map(
-        self, parts: list[Part], call: str, on_result: Callable[[Part, Any], None],
-        payload: Any = None,
+        self, items: list, call: str, on_result: Callable[[Any, Any], None],
+        payload: Callable[[Any], Any] | None = None,
     ) -> int:  # fmt: skip
-        """Run `call` on every part; returns how many attempts were retried."""
+        """Run `call` on every item (with `payload(item)`); returns how many were retried."""
         import ray
-        from ray.exceptions import RayActorError, RayTaskError
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-        queue = deque(sorted(parts, key=lambda p: (-p.nbytes, p.key)))
-        attempts: dict[str, int] = defaultdict(int)
+        queue = [(-item.nbytes, item.key, item) for item in items]
+        heapq.heapify(queue)
+        attempts: dict[str, int] = {}
         avoid: dict[str, int] = {}
-        in_flight: dict = {}
-        load: dict[int, int] = defaultdict(int)
+        in_flight: dict[Any, tuple[int, Any, float]] = {}
+        load: dict[int, int] = {}
         retries = 0
         while queue or in_flight:
+            self._admit(timeout=0)
             for actor_id in list(self.actors):
-                while load[actor_id] < IN_FLIGHT_PER_WORKER and queue:
-                    part = _next_for(queue, actor_id, avoid, len(self.actors))
-                    ref = getattr(self.actors[actor_id], call).remote(part, payload)
-                    in_flight[ref] = (actor_id, part)
-                    load[actor_id] += 1
+                while load.get(actor_id, 0) < IN_FLIGHT_PER_WORKER and queue:
+                    item = self._next_for(queue, actor_id, avoid)
+                    ref = getattr(self.actors[actor_id], call).remote(
+                        item, None if payload is None else payload(item)
+                    )
+                    in_flight[ref] = (actor_id, item, time.monotonic() + self._deadline(item))
+                    load[actor_id] = load.get(actor_id, 0) + 1
             if not in_flight:
-                raise MergeFailed("no live workers are left to run the remaining parts")
-            ready: list = []
-            while not ready:  # short waits, so Ctrl-C is handled promptly
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+                if not self.starting:
+                    raise MergeFailed(
+                        f"no live workers are left to run the remaining {len(queue)} items; "
+                        "finished work is kept: rerun the same command to resume"
+                    )
+                self._admit(timeout=0.5)
+                continue
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+            if not ready:
+                self._expire(in_flight, load, queue, attempts, avoid)
+                continue
             ref = ready[0]
-            actor_id, part = in_flight.pop(ref)
+            actor_id, item, _ = in_flight.pop(ref)
             load[actor_id] -= 1
             try:
                 result = ray.get(ref)
@@ -134,53 +195,80 @@ class WorkerPool:
                 if isinstance(cause, RaymergeError):
                     raise cause from None
                 failure = f"{type(cause).__name__}: {cause}"
-            except RayActorError as exc:
+            except (RayActorError, GetTimeoutError) as exc:
                 failure = f"worker died ({exc.__class__.__name__})"
                 self._replace(actor_id)
             else:
-                on_result(part, result)
+                on_result(item, result)
                 continue
-            attempts[part.key] += 1
-            if attempts[part.key] >= self.options.max_attempts:
-                raise MergeFailed(
-                    f"part {part.key} ({part_label(part)}) failed {attempts[part.key]} "
-                    f"times; last error: {failure}. Finished parts are kept: rerun the same "
-                    "command to resume"
-                )
-            retries += 1
-            avoid[part.key] = actor_id
-            queue.appendleft(part)
+            retries += self._retry(item, failure, actor_id, queue, attempts, avoid)
         return retries
 
+    def _deadline(self, item: Any) -> float:
+        if self.options.deadline_s is not None:
+            return self.options.deadline_s
+        return MIN_DEADLINE_S + getattr(item, "input_bytes", item.nbytes) / DEADLINE_BYTES_PER_S
+
+    def _expire(self, in_flight, load, queue, attempts, avoid) -> None:
+        """Items past their deadline: their actor is taken to hang and is replaced."""
+        now = time.monotonic()
+        for actor_id, item, deadline in list(in_flight.values()):
+            if now > deadline and actor_id in self.actors:
+                for other, (other_actor, other_item, _) in list(in_flight.items()):
+                    if other_actor == actor_id:  # everything queued on that actor goes too
+                        del in_flight[other]
+                        load[actor_id] -= 1
+                        if other_item is not item:
+                            heapq.heappush(queue, (-other_item.nbytes, other_item.key, other_item))
+                self._replace(actor_id)
+                self._retry(item, "deadline passed", actor_id, queue, attempts, avoid)
+
+    def _retry(self, item, failure: str, actor_id: int, queue, attempts, avoid) -> int:
+        attempts[item.key] = attempts.get(item.key, 0) + 1
+        if attempts[item.key] >= self.options.max_attempts:
+            raise MergeFailed(
+                f"{describe(item)} failed {attempts[item.key]} times; last error: {failure}. "
+                "Finished work is kept: rerun the same command to resume"
+            )
+        avoid[item.key] = actor_id
+        heapq.heappush(queue, (-item.nbytes, item.key, item))
+        return 1
+
+    def _next_for(self, queue: list, actor_id: int, avoid: dict[str, int]) -> Any:
+        """The largest queued item that did not just fail on this actor (unless it is the
+        only actor)."""
+        if len(self.actors) > 1 and avoid.get(queue[0][1]) == actor_id:
+            skipped = [heapq.heappop(queue)]
+            while queue and avoid.get(queue[0][1]) == actor_id:
+                skipped.append(heapq.heappop(queue))
+            chosen = heapq.heappop(queue) if queue else skipped.pop(0)
+            for entry in skipped:
+                heapq.heappush(queue, entry)
+            return chosen[2]
+        return heapq.heappop(queue)[2]
+
     def _replace(self, actor_id: int) -> None:
-        if actor_id not in self.actors:
+        import ray
+
+        actor = self.actors.pop(actor_id, None)
+        if actor is None:
             return
-        del self.actors[actor_id]
+        ray.kill(actor)
         if self.spares > 0:
             self.spares -= 1
-            self.actors[self.next_id] = self._start()
-            self.next_id += 1
+            self.restarts += 1
+            self._start()
 
     def close(self) -> None:
         import ray
 
-        for actor in self.actors.values():
+        for actor in list(self.actors.values()) + [a for _, a, _ in self.starting.values()]:
             ray.kill(actor)
 
 
-def part_label(part: Part) -> str:
-    first = part.tensors[0].name if part.tensors else "?"
-    return f"shard {part.shard + 1}, bytes {part.start}-{part.end}, first tensor {first!r}"
-
-
-def _next_for(queue: deque, actor_id: int, avoid: dict[str, int], live: int) -> Part:
-    """The first queued part that did not just fail on this actor (unless it is the only one)."""
-    if live > 1:
-        for i, part in enumerate(queue):
-            if avoid.get(part.key) != actor_id:
-                del queue[i]
-                return part
-    return queue.popleft()
+def describe(item: Any) -> str:
+    label = getattr(item, "label", None)
+    return f"work unit {item.key}" + (f" ({label})" if label else "")
 
 
 def worker_count(options: PoolOptions, pending: int) -> int:
@@ -205,4 +293,13 @@ def worker_count(options: PoolOptions, pending: int) -> int:
             f"--workers {count} with {per:g} {what} each needs {count * per:g} {what}s, but the "
             f"Ray cluster has {have:g}; lower --workers or --{what.lower()}s-per-worker"
         )
-    return max(1, min(count, pending))
+    memory = resources.get("memory", 0.0)
+    if options.memory_per_worker and memory and count * options.memory_per_worker > memory:
+        from raymerge.sizes import human
+
+        raise ConfigError(
+            f"{count} workers with --worker-memory {human(options.memory_per_worker)} each need "
+            f"{human(count * options.memory_per_worker)}, but the Ray cluster offers "
+            f"{human(memory)}; lower --workers or --worker-memory"
+        )
+    return max(1, min(count, max(1, pending)))

@@ -1,64 +1,83 @@
-"""Doing one part: read its input tensors, merge each, write the part's bytes in place.
+"""Doing one work unit: read its input rows, merge each piece, write its bytes in place.
 
-`run_part` is a plain function (tests and the planner's peers call it without Ray); the Ray
-actor in `runner.py` only wraps it. Tensors never leave the worker: it returns checksums and
-timings, and writes the bytes straight to the destination.
+A worker runs up to three units at once as a pipeline: one fetching its inputs, one
+merging, one writing (each stage has its own lock, so the stages of different units
+overlap while each stage runs one unit at a time; reads, torch kernels, CRCs and writes all
+release the GIL). Memory stays within the plan's bound: three units' buffers at most.
+Tensors never leave the worker: it returns checksums, statistics and timings.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
-import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from raymerge import global_topk
-from raymerge.dtypes import torch_dtype
+from raymerge.checksum import checksum
+from raymerge.dtypes import itemsize, torch_dtype
 from raymerge.errors import MergeFailed
 from raymerge.methods import REGISTRY
-from raymerge.methods.base import CPU_CHUNK, MergeInputs
-from raymerge.plan import OutputTensor, Part
+from raymerge.methods.base import CPU_CHUNK, MergeInputs, add_stats, rows_of
+from raymerge.plan import OutputTensor, Piece, Unit
 from raymerge.storage import open_destination, open_source
 from raymerge.storage.base import Destination, Source
+
+PIPELINE_DEPTH = 3  # units in a worker at once: fetching, merging, writing
 
 
 @dataclass(frozen=True)
 class WorkContext:
-    """What every worker needs besides the part itself; sent once per actor."""
+    """What every worker needs besides the units themselves; sent once per actor."""
 
     method: str
     seed: int
     inputs: tuple[str, ...]  # source roots, indexed by InputTensor.input
     destination: str
     shard_names: tuple[str, ...]
+    shard_headers: tuple[bytes, ...]
     shard_tokens: tuple[str, ...]  # what Destination.write_part needs, per shard
+    tensors: tuple[OutputTensor, ...]
     device: str = "cpu"
 
 
 @dataclass
-class PartResult:
+class UnitResult:
     key: str
-    shard: int
-    number: int
-    receipt: str
-    checksums: dict[str, str]
-    bytes_read: int
-    bytes_written: int
+    index: int
+    checksums: list[tuple[int, int, int, str]]  # (tensor, row start, row end, CRC-32)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    receipt: str = ""
     seconds_read: float = 0.0
     seconds_merge: float = 0.0
     seconds_write: float = 0.0
     worker: str = field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
 
 
-def checksum(data) -> str:
-    """CRC-32 of a tensor's bytes, as recorded in tensors.parquet."""
-    return f"{zlib.crc32(data):08x}"
+class _Slot:
+    """Reusable buffers for one unit in flight (fresh allocations page-fault on first use)."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self.buffers: dict[object, torch.Tensor] = {}
+
+    def buffer(self, key: object, nbytes: int) -> torch.Tensor:
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < nbytes:
+            pin = self.pin and key != "out"
+            buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
+            self.buffers[key] = buffer
+        return buffer[:nbytes]
 
 
-class PartRunner:
-    """Holds the open sources, the destination and reusable buffers for a worker's lifetime."""
+class UnitRunner:
+    """Holds the open sources, the destination and the pipeline for a worker's lifetime."""
 
     def __init__(self, context: WorkContext) -> None:
         self.context = context
@@ -67,107 +86,149 @@ class PartRunner:
         self.device = torch.device(context.device)
         self.method = REGISTRY[context.method]
         self.chunk = CPU_CHUNK if self.device.type == "cpu" else None
-        self._buffers: dict[object, torch.Tensor] = {}
+        self._slots = [_Slot(self.device.type == "cuda") for _ in range(PIPELINE_DEPTH)]
+        self._free = threading.Semaphore(PIPELINE_DEPTH)
+        self._slot_lock = threading.Lock()
+        self._fetching, self._merging, self._writing = (threading.Lock() for _ in range(3))
 
-    def run(self, part: Part) -> PartResult:
-        buffer = self._buffer("part", part.nbytes)
-        view = buffer.numpy()
-        if part.header:
-            view[: len(part.header)] = memoryview(part.header)
-        result = PartResult(part.key, part.shard, part.number, "", {}, 0, part.nbytes)
-        for tensor in part.tensors:
-            lo, hi = tensor.start - part.start, tensor.end - part.start
-            self._fill(tensor, buffer[lo:hi], result)
-            result.checksums[tensor.name] = checksum(view[lo:hi])
-        started = time.perf_counter()
-        result.receipt = self.destination.write_part(
-            self.context.shard_names[part.shard],
-            self.context.shard_tokens[part.shard],
-            part.number,
-            part.start,
-            view,
-        )
-        result.seconds_write = time.perf_counter() - started
-        return result
+    def run(self, unit: Unit, facts: dict[int, dict] | None = None) -> UnitResult:
+        """Merge `unit` (facts: per split tensor, what its prepare stage found) and write it."""
+        with self._slot() as slot:
+            result = UnitResult(unit.key, unit.index, [])
+            started = time.perf_counter()
+            with self._fetching:
+                inputs = [self._read_piece(slot, n, p, result) for n, p in enumerate(unit.pieces)]
+            merged = time.perf_counter()
+            result.seconds_read = merged - started
+            out = slot.buffer("out", unit.nbytes)
+            with self._merging:
+                self._fill(unit, out, inputs, facts or {}, result)
+            del inputs
+            written = time.perf_counter()
+            result.seconds_merge = written - merged
+            with self._writing:
+                result.receipt = self.destination.write_part(
+                    self.context.shard_names[unit.shard],
+                    self.context.shard_tokens[unit.shard],
+                    unit.part,
+                    unit.start,
+                    out.numpy(),
+                )
+            result.bytes_written = unit.nbytes
+            result.seconds_write = time.perf_counter() - written
+            return result
 
-    def _buffer(self, key: object, nbytes: int) -> torch.Tensor:
-        """A reusable byte buffer (fresh allocations page-fault on first touch)."""
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.numel() < nbytes:
-            pin = self.device.type == "cuda" and key != "part"
-            buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
-            self._buffers[key] = buffer
-        return buffer[:nbytes]
+    def statistic(self, unit: Unit, request: dict[str, Any]) -> dict[int, dict]:
+        """Round `request["round"]` of the fact rounds, for the unit's pieces of the tensors
+        in `request["facts"]` (their facts so far): statistics per tensor."""
+        stats: dict[int, dict] = {}
+        wanted = request["facts"]
+        with self._slot() as slot:
+            scratch = UnitResult(unit.key, unit.index, [])
+            for n, piece in enumerate(unit.pieces):
+                if piece.tensor not in wanted:
+                    continue
+                tensor = self.context.tensors[piece.tensor]
+                fact_round = self.method.fact_rounds(tensor.shared)[request["round"]]
+                with self._fetching:
+                    tensors = self._read_piece(slot, n, piece, scratch)
+                facts = wanted[piece.tensor]
+                inputs = self._inputs(tensor, piece, tensors, facts)
+                total: dict = {}
+                with self._merging:
+                    for _, lo, hi in inputs.blocks():
+                        add_stats(total, fact_round.block(inputs.rows(lo, hi), facts))
+                stats[piece.tensor] = total
+        return stats
 
-    def _fill(self, tensor: OutputTensor, out: torch.Tensor, result: PartResult) -> None:
-        started = time.perf_counter()
-        if tensor.op == "copy":
-            source = tensor.sources[0]
-            self._read_into(source.input, source.file, source.start, out)
-            result.bytes_read += out.numel()
-            result.seconds_read += time.perf_counter() - started
-            return
-        inputs = self._read_inputs(tensor, result)
-        read_done = time.perf_counter()
-        result.seconds_read += read_done - started
-        target = _typed_view(out, tensor.dtype)
-        if self.method.elementwise and self.chunk:
-            for lo in range(0, target.numel(), self.chunk):
-                hi = min(lo + self.chunk, target.numel())
-                target[lo:hi].copy_(self._merge(tensor, [x[lo:hi] for x in inputs], flat=True))
-        else:
-            target.copy_(self._merge(tensor, [x.reshape(tensor.shape) for x in inputs]).reshape(-1))
-        if target.data_ptr() != out.data_ptr():  # a misaligned tensor was merged into scratch
-            out.copy_(target.view(torch.uint8))
-        result.seconds_merge += time.perf_counter() - read_done
+    @contextmanager
+    def _slot(self) -> Iterator[_Slot]:
+        """One of the pipeline's buffer sets; waits while all are in use."""
+        with self._free:
+            with self._slot_lock:
+                slot = self._slots.pop()
+            try:
+                yield slot
+            finally:
+                with self._slot_lock:
+                    self._slots.append(slot)
 
-    def _read_inputs(self, tensor: OutputTensor, result: PartResult) -> list[torch.Tensor]:
-        """The tensor's inputs, flat, in their stored dtypes, on the work device."""
-        inputs = []
+    def _read_piece(self, slot: _Slot, n: int, piece: Piece, result: UnitResult) -> list:
+        """The piece's rows of every input, in their stored dtypes, on the work device."""
+        tensor = self.context.tensors[piece.tensor]
+        rows = piece.row_end - piece.row_start
+        row_elements = tensor.row_elements
+        tensors = []
         for position, source in enumerate(tensor.sources):
-            raw = self._buffer(position, source.end - source.start)
-            self._read_into(source.input, source.file, source.start, raw)
+            row_bytes = itemsize(source.dtype) * row_elements
+            have = max(0, min(piece.row_end, rows_of(source.shape)[0]) - piece.row_start)
+            raw = slot.buffer((n, position), have * row_bytes)
+            start = source.start + piece.row_start * row_bytes
+            if raw.numel():
+                self.sources[source.input].readinto(source.file, start, memoryview(raw.numpy()))
             result.bytes_read += raw.numel()
-            typed = raw.view(torch_dtype(source.dtype)).reshape(-1)
-            inputs.append(typed.to(self.device, non_blocking=True))
+            typed = raw.view(torch_dtype(source.dtype))
+            tensors.append(typed.to(self.device, non_blocking=True))
         for position, source in enumerate(tensor.sources):
             if source.pad_from is not None:  # fewer vocab rows: the base's rows fill the rest
-                rest = inputs[source.pad_from][inputs[position].numel() :]
-                inputs[position] = torch.cat([inputs[position], rest.to(inputs[position].dtype)])
-        return inputs
+                full = rows * row_elements
+                rest = tensors[source.pad_from][tensors[position].numel() : full]
+                tensors[position] = torch.cat([tensors[position], rest.to(tensors[position].dtype)])
+        shape = (rows, *tensor.shape[1:]) if tensor.shape else ()
+        return [t.reshape(shape) for t in tensors]
 
-    def statistic(self, part: Part, request: dict) -> dict:
-        """One part's share of a whole-model statistic (global top-k: see global_topk.py)."""
-        partial: dict = {}
-        scratch = PartResult(part.key, part.shard, part.number, "", {}, 0, 0)
-        for tensor in part.tensors:
-            if global_topk.participates(tensor):
-                inputs = self._read_inputs(tensor, scratch)
-                global_topk.accumulate(partial, tensor, inputs, request)
-        return partial
+    def _inputs(self, tensor: OutputTensor, piece: Piece, tensors: list, facts) -> MergeInputs:
+        return MergeInputs(
+            tensor.name, tensors, tensor.base, tensor.shared, list(tensor.per_input),
+            self.context.seed, tensor.shape, piece.row_start, facts,
+            tuple(s.input for s in tensor.sources),
+        )  # fmt: skip
 
-    def _merge(self, tensor: OutputTensor, inputs: list[torch.Tensor], flat: bool = False):
-        merged = self.method.merge(
-            MergeInputs(
-                tensor.name,
-                inputs,
-                tensor.base,
-                tensor.shared,
-                list(tensor.per_input),
-                self.context.seed,
-            )
-        )
-        expected = inputs[0].shape if flat else tensor.shape
+    def _fill(self, unit: Unit, out: torch.Tensor, inputs: list, facts: dict, result) -> None:
+        if unit.start == 0:
+            header = self.context.shard_headers[unit.shard]
+            out.numpy()[: len(header)] = memoryview(header)
+        view = out.numpy()
+        for piece, tensors in zip(unit.pieces, inputs):
+            tensor = self.context.tensors[piece.tensor]
+            row_bytes = tensor.nbytes // max(1, tensor.rows)
+            lo = tensor.start + piece.row_start * row_bytes - unit.start
+            hi = tensor.start + piece.row_end * row_bytes - unit.start
+            target = out[lo:hi]
+            if tensor.op == "copy":
+                target.copy_(tensors[0].reshape(-1).view(torch.uint8))
+            else:
+                self._merge_into(tensor, piece, tensors, facts.get(piece.tensor), target)
+            result.checksums.append((piece.tensor, piece.row_start, piece.row_end,
+                                     checksum(view[lo:hi])))  # fmt: skip
+
+    def _merge_into(self, tensor: OutputTensor, piece: Piece, tensors: list, facts,
+                    out: torch.Tensor) -> None:  # fmt: skip
+        target = _typed_view(out, tensor.dtype)
+        rows = piece.row_end - piece.row_start
+        shape = (rows, *tensor.shape[1:]) if tensor.shape else ()
+        chunked = self.method.elementwise and self.method.rounds is None and self.chunk
+        if chunked:
+            flat = [x.reshape(-1) for x in tensors]
+            for lo in range(0, target.numel(), self.chunk):
+                hi = min(lo + self.chunk, target.numel())
+                merged = self._merge(tensor, piece, [x[lo:hi] for x in flat], facts, (hi - lo,))
+                target[lo:hi].copy_(merged)
+        else:
+            target.copy_(self._merge(tensor, piece, tensors, facts, shape).reshape(-1))
+        if target.data_ptr() != out.data_ptr():  # a misaligned tensor was merged into scratch
+            out.copy_(target.view(torch.uint8))
+
+    def _merge(self, tensor, piece, tensors, facts, expected) -> torch.Tensor:
+        if not piece.whole and facts is None and self.method.fact_rounds(tensor.shared):
+            raise MergeFailed(f"{tensor.name!r} is split but its prepare stage gave no facts")
+        merged = self.method.merge(self._inputs(tensor, piece, tensors, facts))
         if tuple(merged.shape) != tuple(expected):
             raise MergeFailed(
                 f"{self.context.method} returned shape {list(merged.shape)} for {tensor.name!r}, "
                 f"expected {list(expected)}"
             )
         return merged
-
-    def _read_into(self, input_index: int, file: str, start: int, out: torch.Tensor) -> None:
-        if out.numel():
-            self.sources[input_index].readinto(file, start, memoryview(out.numpy()))
 
 
 def _typed_view(out: torch.Tensor, dtype: str) -> torch.Tensor:

@@ -217,7 +217,7 @@ def test_ctrl_c_stops_a_merge_and_leaves_it_resumable(models, tmp_path):
 
     config = write_config(tmp_path / "c.yaml", ties_config(models))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["RAYMERGE_FAULT"] = f"hang:00000-00002:{tmp_path}"  # one part never finishes
+    env["RAYMERGE_FAULT"] = f"hang:000002:{tmp_path}"  # one part never finishes
     script = os.path.join(os.path.dirname(sys.executable), "raymerge")
     process = subprocess.Popen(
         [
@@ -237,7 +237,7 @@ def test_ctrl_c_stops_a_merge_and_leaves_it_resumable(models, tmp_path):
         text=True,
     )
     deadline = time.monotonic() + 120
-    while not (tmp_path / "fault-00000-00002").exists():
+    while not (tmp_path / "fault-000002").exists():
         assert time.monotonic() < deadline and process.poll() is None, process.communicate()
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)

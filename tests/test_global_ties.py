@@ -13,9 +13,10 @@ from safetensors.torch import load_file, save_file
 
 from raymerge.config import parse_spec
 from raymerge.errors import ConfigError
-from raymerge.global_topk import _hand_out
 from raymerge.mapping import natural_key
-from raymerge.methods.sparsify import KEEP_ALL, keep_count, split, threshold_trim
+from raymerge.methods import selection
+from raymerge.methods.base import MergeInputs
+from raymerge.methods.sparsify import keep_count, split
 from raymerge.runner import RunOptions, run_merge
 from tests.test_run import load_model
 
@@ -29,22 +30,32 @@ def test_split_finds_the_bin_of_the_kth_largest():
     assert split(histogram, 6) == (0, 5)
 
 
-def test_ties_go_to_earlier_tensors():
-    counts = {"model.layers.10.a": 4, "model.layers.2.a": 3, "model.layers.9.a": 5}
-    assert _hand_out(counts, 5) == {
-        "model.layers.2.a": 3,
-        "model.layers.9.a": 2,
-        "model.layers.10.a": 0,
+def test_ties_go_to_earlier_tensors_and_blocks():
+    counts = [("model.layers.10.a", 0, 4), ("model.layers.2.a", 1, 1), ("model.layers.9.a", 0, 5),
+              ("model.layers.2.a", 0, 2)]  # fmt: skip
+    facts = {"g": {"threshold": 7, "take": 5}}
+    got = selection._reduce_ties({"ties": {"g": counts}}, facts, None)["g"]
+    assert got["quota"] == {
+        "model.layers.2.a": {"0": 2, "1": 1},
+        "model.layers.9.a": {"0": 2},
+        "model.layers.10.a": {"0": 0},
     }
 
 
-def test_threshold_trim():
+def test_keep_mask_keeps_above_and_the_first_ties():
     delta = torch.tensor([0.5, -2.0, 1.0, -1.0, 1.0, 0.0])
-    assert threshold_trim(delta, 1.0, 0).tolist() == [0, -2.0, 0, 0, 0, 0]
-    assert threshold_trim(delta, 1.0, 2).tolist() == [0, -2.0, 1.0, -1.0, 0, 0]
-    assert threshold_trim(delta, 1.0, KEEP_ALL).tolist() == [0, -2.0, 1.0, -1.0, 1.0, 0]
-    assert threshold_trim(delta, float("inf"), 0).abs().sum() == 0
-    assert torch.equal(threshold_trim(delta, -1.0, 0), delta)
+    inputs = MergeInputs("w", [delta], None, {}, [{}])
+    one = int(selection.magnitude_bits(torch.tensor([1.0]))[0])
+
+    def kept(fact):
+        mask = selection.keep_mask(delta, fact, inputs)
+        return delta.tolist() if mask is None else (delta * mask).tolist()
+
+    assert kept({"threshold": one, "quota": {"w": {"0": 0}}}) == [0, -2.0, 0, 0, 0, 0]
+    assert kept({"threshold": one, "quota": {"w": {"0": 2}}}) == [0, -2.0, 1.0, -1.0, 0, 0]
+    assert kept({"threshold": one, "quota": selection.KEEP_ALL}) == [0, -2.0, 1.0, -1.0, 1.0, 0]
+    assert sum(abs(v) for v in kept(selection.KEEP_NONE)) == 0
+    assert kept(selection.KEEP_ALL) == delta.tolist()
 
 
 def scaled_model(models, tmp_path, name, transform) -> str:
@@ -106,7 +117,7 @@ def test_global_kept_fraction_is_the_density(ray_local, models, tmp_path, quanti
     summary = run_merge(
         spec, str(tmp_path / "out"), RunOptions(progress=False, workers=2), log=lambda _: None
     )
-    assert len(summary.plan.shards) > 1 and len(summary.plan.parts) > 4
+    assert len(summary.plan.shards) > 1 and len(summary.plan.units) > 4
     out, base = load_model(str(tmp_path / "out")), load_model(models["base"])
     want, k, total = reference_global_trim(base, load_model(path), 0.3)
     kept = sum(int((out[n] != base[n].float()).sum()) for n in out)
@@ -119,19 +130,17 @@ def test_global_kept_fraction_is_the_density(ray_local, models, tmp_path, quanti
             out[n].numel() for n in layer0
         )
         assert fraction > 0.9  # per-tensor trimming would keep 0.3 of each
-    assert os.path.exists(tmp_path / "out" / "_raymerge" / "global_topk.json")
+    assert os.path.exists(tmp_path / "out" / "_raymerge" / "facts.json")
 
 
 def test_global_scope_needs_one_density_per_model(models, tmp_path):
     from raymerge.checkpoint import open_checkpoint
-    from raymerge.global_topk import thresholds
     from raymerge.plan import make_plan
 
     body = global_config(models, models["model_1"], density=[0.2, 0.6])
     spec = parse_spec(body, "c", str(tmp_path))
-    plan = make_plan(spec, [open_checkpoint(m.path) for m in spec.inputs])
     with pytest.raises(ConfigError, match="one density per model"):
-        thresholds(plan.tensors, lambda parts, request: {}, list(plan.parts), spec.source)
+        make_plan(spec, [open_checkpoint(m.path) for m in spec.inputs])
 
 
 def test_density_scope_values_are_checked(models, tmp_path):

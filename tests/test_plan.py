@@ -21,21 +21,62 @@ def plan_for(models, tmp_path, **overrides):
     return spec, make_plan(spec, [open_checkpoint(m.path) for m in spec.inputs])
 
 
-def test_parts_cover_each_shard_exactly(models, tmp_path):
+def test_parts_and_units_cover_each_shard_exactly(models, tmp_path):
     _, plan = plan_for(models, tmp_path, shard_size=40_000, part_size=9_000)
     assert len(plan.shards) > 1
     for index, shard in enumerate(plan.shards):
-        parts = plan.parts_of(index)
-        assert parts[0].start == 0 and parts[0].header and len(parts[0].header) == shard.header_size
-        assert parts[-1].end == shard.size
+        parts = [p for p in plan.parts if p.shard == index]
+        assert parts[0].start == 0 and parts[-1].end == shard.size
         for before, after in zip(parts, parts[1:]):
-            assert before.end == after.start and not after.header
+            assert before.end == after.start
         for part in parts[:-1]:
             assert part.nbytes >= 9_000
-        for part in parts:
-            assert part.tensors[0].start == max(part.start, shard.header_size)
-            assert part.tensors[-1].end == part.end
-            assert [p.number for p in parts] == list(range(1, len(parts) + 1))
+        assert [p.number for p in parts] == list(range(1, len(parts) + 1))
+        for part in parts:  # units tile their part; the first unit of a shard has the header
+            units = [u for u in plan.units if u.shard == index and u.part == part.number]
+            assert units[0].start == part.start and units[-1].end == part.end
+            for before, after in zip(units, units[1:]):
+                assert before.end == after.start
+            for unit in units:
+                first = plan.tensors[unit.pieces[0].tensor]
+                assert first.start == max(unit.start, shard.header_size)
+
+
+def test_a_tensor_over_the_budget_is_cut_at_blocks(tmp_path):
+    from raymerge.synth import SynthOptions, synthesize
+
+    models = synthesize(str(tmp_path / "m"), SynthOptions(
+        models=3, with_base=True, layers=1, hidden=64, intermediate=96, vocab=40_000, seed=3,
+    ))  # fmt: skip
+    spec = parse_spec(ties_config(models), "c", str(tmp_path))
+    checkpoints = [open_checkpoint(m.path) for m in spec.inputs]
+    whole = make_plan(spec, checkpoints)
+    assert whole.split_tensors() == []
+    plan = make_plan(spec, checkpoints, worker_memory=150 << 20)
+    split = [plan.tensors[i].name for i in plan.split_tensors()]
+    assert split == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert plan.parts == whole.parts and plan.digest == whole.digest  # parts ignore memory
+    for index in plan.split_tensors():
+        tensor = plan.tensors[index]
+        pieces = [p for u in plan.units for p in u.pieces if p.tensor == index]
+        assert pieces[0].row_start == 0 and pieces[-1].row_end == tensor.rows
+        assert all(p.row_start % tensor.block_rows == 0 for p in pieces)
+    assert max(u.memory for u in plan.units) <= (150 << 20) // 3
+    assert plan.peak_worker_bytes() <= 150 << 20
+
+
+def test_a_method_that_cannot_split_refuses_a_tensor_over_the_budget(tmp_path):
+    from raymerge.synth import SynthOptions, synthesize
+
+    models = synthesize(str(tmp_path / "m"), SynthOptions(
+        models=3, with_base=True, layers=1, hidden=64, intermediate=96, vocab=40_000, seed=3,
+    ))  # fmt: skip
+    body = ties_config(models)
+    body["merge_method"] = "breadcrumbs"
+    spec = parse_spec(body, "c", str(tmp_path))
+    checkpoints = [open_checkpoint(m.path) for m in spec.inputs]
+    with pytest.raises(ConfigError, match=r"'lm_head.weight' \[40000, 64\] needs .* cannot split"):
+        make_plan(spec, checkpoints, worker_memory=150 << 20)
 
 
 def test_plan_is_deterministic_and_names_sorted(models, tmp_path):

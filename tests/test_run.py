@@ -69,7 +69,7 @@ def test_ties_output_loads_and_equals_reference(ray_local, spec, tmp_path):
     summary = merge(spec, tmp_path / "out", workers=2)
     out = tmp_path / "out"
     assert (out / "COMPLETE").exists() and (out / "model.safetensors.index.json").exists()
-    assert summary.parts_done == len(summary.plan.parts) > 3
+    assert summary.units_done == len(summary.plan.units) > 3
     merged = load_model(str(out))
     want = reference_merge(spec)
     assert merged.keys() == want.keys()
@@ -114,7 +114,7 @@ def test_occupied_output_needs_force(ray_local, spec, tmp_path):
 
 
 def test_retry_on_another_worker(ray_local, spec, tmp_path):
-    key = "00001-00002"
+    key = "000003"
     env = {"RAYMERGE_FAULT": f"raise:{key}:{tmp_path}"}
     summary = merge(spec, tmp_path / "out", workers=2, runtime_env={"env_vars": env})
     assert summary.retries == 1 and (tmp_path / f"fault-{key}").exists()
@@ -126,15 +126,15 @@ def test_retry_on_another_worker(ray_local, spec, tmp_path):
 def test_failed_run_leaves_nothing_complete_and_resumes(ray_local, spec, tmp_path):
     out = tmp_path / "out"
     plan = make_plan(spec, [open_checkpoint(m.path) for m in spec.inputs])
-    last = min(plan.parts, key=lambda p: (p.nbytes, p.key))  # a lone worker does it last
+    last = min(plan.units, key=lambda p: (p.nbytes, p.key))  # a lone worker does it last
     env = {"RAYMERGE_FAULT": f"exit:{last.key}:{tmp_path}"}
     with pytest.raises(MergeFailed, match="failed 1 times; last error: worker died"):
         merge(spec, out, workers=1, max_attempts=1, runtime_env={"env_vars": env})
     assert not (out / "COMPLETE").exists() and not (out / "model.safetensors.index.json").exists()
     assert not (out / "tensors.parquet").exists()
     summary = merge(spec, out, workers=2)
-    assert summary.parts_resumed > 0
-    assert summary.parts_done + summary.parts_resumed == len(plan.parts)
+    assert summary.units_resumed > 0
+    assert summary.units_done + summary.units_resumed == len(plan.units)
     merge(spec, tmp_path / "clean", workers=1)
     for name in output_files(tmp_path / "clean"):
         assert filecmp.cmp(out / name, tmp_path / "clean" / name, shallow=False)
@@ -173,19 +173,19 @@ def test_resume_redoes_a_recorded_part_whose_bytes_are_gone(ray_local, spec, tmp
     """Without fsync a machine crash can keep a part's record but lose its bytes."""
     out = tmp_path / "out"
     plan = make_plan(spec, [open_checkpoint(m.path) for m in spec.inputs])
-    last = min(plan.parts, key=lambda p: (p.nbytes, p.key))
+    last = min(plan.units, key=lambda p: (p.nbytes, p.key))
     env = {"RAYMERGE_FAULT": f"exit:{last.key}:{tmp_path}"}
     with pytest.raises(MergeFailed):
         merge(spec, out, workers=1, max_attempts=1, runtime_env={"env_vars": env})
-    records = sorted(os.listdir(out / "_raymerge" / "parts"))
+    records = sorted(os.listdir(out / "_raymerge" / "units"))
     # a recorded part in the failed part's shard, which stayed uncommitted
-    victim = next(p for p in plan.parts_of(last.shard) if f"{p.key}.json" in records)
+    victim = next(p for p in plan.units if p.shard == last.shard if f"{p.key}.json" in records)
     partial = out / (plan.shards[victim.shard].name + ".partial")
     with open(partial, "r+b") as f:
         f.seek(victim.end - 4)
         f.write(b"\0\0\0\0")
     summary = merge(spec, out, workers=2, fsync=True)
-    assert summary.parts_done + summary.parts_resumed == len(plan.parts)
+    assert summary.units_done + summary.units_resumed == len(plan.units)
     assert verify(str(out)).problems == []
     merge(spec, tmp_path / "clean", workers=1)
     for name in output_files(tmp_path / "clean"):

@@ -9,6 +9,7 @@ base.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,8 +20,15 @@ import torch
 REQUIRED = object()
 # elements per chunk where CPU work goes chunk by chunk: a chunk's fp32 scratch stays in cache
 CPU_CHUNK = 1 << 16
+# whole-tensor facts are reduced over blocks of about this many elements (whole rows), so a
+# tensor split across work units at block boundaries gives the same facts as a whole one
+BLOCK_ELEMENTS = 1 << 20
 Scope = Literal["shared", "input", "non_base"]
 BasePolicy = Literal["required", "optional", "ignored"]
+# what one call of a method's kernel needs to see: any element range, whole rows (the first
+# dimension), or the whole tensor (facts such as a top-k threshold or a norm); a `tensor`
+# method with fact rounds can still be split: the rounds gather those facts first
+Locality = Literal["elementwise", "rows", "tensor"]
 
 
 @dataclass(frozen=True)
@@ -82,9 +90,28 @@ def _as_number(value: Any) -> float | None:
     return None
 
 
+def rows_of(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, elements per row): rows run along the first dimension; a vector's rows are its
+    elements, a scalar is one row."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return shape[0], 1
+    return shape[0], math.prod(shape[1:])
+
+
+def block_rows(shape: tuple[int, ...]) -> int:
+    """Rows per reduction block of a tensor of `shape` (a function of the shape alone)."""
+    return max(1, BLOCK_ELEMENTS // max(1, rows_of(shape)[1]))
+
+
 @dataclass
 class MergeInputs:
-    """One output tensor's inputs, in config order, as read (any dtype, on the work device)."""
+    """One output tensor's inputs, in config order, as read (any dtype, on the work device).
+
+    A work unit may hold only rows [row_start, row_start + len) of a tensor whose full shape
+    is `shape`; `facts` then carries what the method needs of the whole tensor (gathered by
+    its fact rounds), and `models` names each position's input model."""
 
     name: str
     tensors: list[torch.Tensor]
@@ -92,6 +119,45 @@ class MergeInputs:
     shared: dict[str, Any]
     per_input: list[dict[str, Any]]
     seed: int = 0
+    shape: tuple[int, ...] | None = None
+    row_start: int = 0
+    facts: dict[str, Any] | None = None
+    models: tuple[int, ...] | None = None
+
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        return tuple(self.tensors[0].shape) if self.shape is None else self.shape
+
+    @property
+    def numel(self) -> int:
+        """Elements of the whole tensor (not only of the rows held)."""
+        return math.prod(self.full_shape)
+
+    @property
+    def element_start(self) -> int:
+        """Flat index, in the whole tensor, of the first element held."""
+        return self.row_start * rows_of(self.full_shape)[1]
+
+    def model(self, position: int) -> int:
+        return position if self.models is None else self.models[position]
+
+    def rows(self, start: int, end: int) -> MergeInputs:
+        """The same inputs restricted to rows [start, end) of those held."""
+        tensors = [t[start:end] if t.dim() else t for t in self.tensors]
+        return dataclasses.replace(self, tensors=tensors, row_start=self.row_start + start,
+                                   shape=self.full_shape)  # fmt: skip
+
+    def blocks(self) -> list[tuple[int, int, int]]:
+        """(block index, first row, end row) of each reduction block held, rows relative to
+        the rows held; units start at block boundaries."""
+        first = self.tensors[0]
+        held = first.shape[0] if first.dim() else 1
+        step = block_rows(self.full_shape)
+        if held == 0:  # an empty tensor: one empty block, so every round sees it
+            return [(self.row_start // step, 0, 0)]
+        return [
+            ((self.row_start + lo) // step, lo, min(lo + step, held)) for lo in range(0, held, step)
+        ]
 
     @property
     def base(self) -> torch.Tensor | None:
@@ -116,6 +182,50 @@ MergeFn = Callable[[MergeInputs], torch.Tensor]
 
 
 @dataclass(frozen=True)
+class FactRound:
+    """One map-reduce pass that gathers whole-tensor facts.
+
+    `block(inputs, facts)` sees one block of rows and the facts of earlier rounds and returns
+    statistics: nested dicts whose leaves are ints or int64 arrays (added up) or lists
+    (concatenated: floats are summed with math.fsum, so the order blocks arrive in does not
+    matter). `reduce(total, facts, inputs)` turns the totals into the facts passed on;
+    `inputs` there carries parameters and shape, its tensors may be empty."""
+
+    block: Callable[[MergeInputs, dict[str, Any]], dict]
+    reduce: Callable[[dict, dict[str, Any], MergeInputs], dict[str, Any]]
+    # whether the round has anything to do given the facts so far (None: always)
+    needed: Callable[[dict[str, Any]], bool] | None = None
+
+
+def add_stats(total: dict, stats: dict) -> dict:
+    """Fold `stats` into `total` (see FactRound): ints and arrays add, lists concatenate."""
+    for key, value in stats.items():
+        if key not in total:
+            total[key] = value.copy() if hasattr(value, "copy") else value
+        elif isinstance(value, dict):
+            add_stats(total[key], value)
+        elif isinstance(value, list):
+            total[key] = total[key] + value
+        else:
+            total[key] = total[key] + value
+    return total
+
+
+def gather_facts(rounds: tuple[FactRound, ...], inputs: MergeInputs) -> dict[str, Any]:
+    """Run fact rounds over every block of the rows held (the whole tensor, when a method
+    is called on one) exactly as a prepare stage runs them over split tensors."""
+    facts: dict[str, Any] = {}
+    for fact_round in rounds:
+        if fact_round.needed is not None and not fact_round.needed(facts):
+            continue
+        total: dict = {}
+        for _, lo, hi in inputs.blocks():
+            add_stats(total, fact_round.block(inputs.rows(lo, hi), facts))
+        facts = fact_round.reduce(total, facts, inputs)
+    return facts
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     name: str
     merge: MergeFn
@@ -124,11 +234,41 @@ class MergeMethod:
     min_inputs: int = 1
     max_inputs: int | None = None
     summary: str = ""
-    # True when each output element depends only on the same element of the inputs: workers
-    # then merge in cache-sized chunks, which is several times faster on CPUs
-    elementwise: bool = False
+    locality: Locality = "tensor"
+    # rounds(shared parameters) -> the fact rounds a split tensor needs first (none: the
+    # method needs no whole-tensor fact with these parameters)
+    rounds: Callable[[dict[str, Any]], tuple[FactRound, ...]] | None = None
+    # whole_model(shared): the facts span every tensor of a model (TIES density_scope:
+    # global), so every tensor goes through the prepare stage, split or not
+    whole_model: Callable[[dict[str, Any]], bool] | None = None
     # a check of one tensor's resolved parameters, run at plan time: returns a problem or None
     check: Callable[[dict[str, Any], list[dict[str, Any]]], str | None] | None = field(default=None)
+    # a check across all tensors' (input models, shared, per-input) parameters at plan time
+    check_plan: (
+        Callable[[list[tuple[tuple[int, ...], dict, tuple[dict, ...]]]], str | None] | None
+    ) = None
+
+    def spans_model(self, shared: dict[str, Any]) -> bool:
+        return self.whole_model is not None and self.whole_model(shared)
+
+    @property
+    def elementwise(self) -> bool:
+        """Each output element depends only on the same element of the inputs: workers then
+        merge in cache-sized chunks, which is several times faster on CPUs."""
+        return self.locality == "elementwise"
+
+    def fact_rounds(self, shared: dict[str, Any]) -> tuple[FactRound, ...]:
+        return () if self.rounds is None else self.rounds(shared)
+
+    def split_problem(self, ndim: int) -> str | None:
+        """Why a tensor of `ndim` dimensions cannot be cut into row ranges (None: it can)."""
+        if self.locality == "elementwise":
+            return None
+        if self.locality == "rows":
+            return None if ndim >= 2 else f"{self.name} needs whole rows and a vector is one row"
+        if self.rounds is not None:
+            return None
+        return f"{self.name} cannot split a tensor: it needs the whole tensor at once"
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

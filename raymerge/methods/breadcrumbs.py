@@ -31,11 +31,14 @@ def trim_outliers(
     return sparsify.magnitude_outliers(delta, params["density"], params["gamma"])
 
 
+OUTLIERS = task_arithmetic.Trim(trim_outliers, "tensor")
+
+
 METHODS = (
     task_arithmetic.make(
         "breadcrumbs",
         "base + lambda * sum(w_i breadcrumbs(x_i - base))",
-        trim=trim_outliers,
+        trim=OUTLIERS,
         elect_sign=False,
         default_normalize=False,
         default_rescale=False,
@@ -44,7 +47,7 @@ METHODS = (
     task_arithmetic.make(
         "breadcrumbs_ties",
         "base + lambda * sum of sign-agreeing w_i breadcrumbs(x_i - base)",
-        trim=trim_outliers,
+        trim=OUTLIERS,
         elect_sign=True,
         default_normalize=False,
         default_rescale=False,

@@ -21,14 +21,17 @@ def trim_random(
     delta: torch.Tensor, params: dict[str, Any], inputs: MergeInputs, position: int
 ) -> torch.Tensor:
     stream = rng.key(inputs.seed, inputs.name, position)
-    return sparsify.bernoulli(delta, params["density"], stream)
+    return sparsify.bernoulli(delta, params["density"], stream, inputs.element_start)
+
+
+RANDOM = task_arithmetic.Trim(trim_random, "elementwise")
 
 
 METHODS = (
     task_arithmetic.make(
         "dare_linear",
         "base + lambda * sum(w_i dare(x_i - base))",
-        trim=trim_random,
+        trim=RANDOM,
         elect_sign=False,
         default_normalize=False,
         default_rescale=True,
@@ -36,7 +39,7 @@ METHODS = (
     task_arithmetic.make(
         "dare_ties",
         "base + lambda * sum of sign-agreeing w_i dare(x_i - base)",
-        trim=trim_random,
+        trim=RANDOM,
         elect_sign=True,
         default_normalize=False,
         default_rescale=True,

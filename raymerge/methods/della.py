@@ -33,7 +33,12 @@ def trim_magprune(
     delta: torch.Tensor, params: dict[str, Any], inputs: MergeInputs, position: int
 ) -> torch.Tensor:
     stream = rng.key(inputs.seed, inputs.name, position)
-    return sparsify.della_magprune(delta, params["density"], params["epsilon"], stream)
+    return sparsify.della_magprune(
+        delta, params["density"], params["epsilon"], stream, offset=inputs.element_start
+    )
+
+
+MAGPRUNE = task_arithmetic.Trim(trim_magprune, "rows")
 
 
 def check_epsilon(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> str | None:
@@ -59,7 +64,7 @@ METHODS = tuple(
         task_arithmetic.make(
             "della",
             "base + lambda * sign-agreeing mean of w_i magprune(x_i - base)",
-            trim=trim_magprune,
+            trim=MAGPRUNE,
             elect_sign=True,
             default_normalize=True,
             default_rescale=True,
@@ -68,7 +73,7 @@ METHODS = tuple(
         task_arithmetic.make(
             "della_linear",
             "base + lambda * sum(w_i magprune(x_i - base))",
-            trim=trim_magprune,
+            trim=MAGPRUNE,
             elect_sign=False,
             default_normalize=False,
             default_rescale=True,

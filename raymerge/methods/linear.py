@@ -49,7 +49,7 @@ METHODS = (
         ),
         base="ignored",
         summary="weighted average: sum(w_i x_i) / sum(w_i)",
-        elementwise=True,
+        locality="elementwise",
         check=check_weights,
     ),
 )

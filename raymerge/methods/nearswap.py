@@ -37,6 +37,6 @@ METHODS = (
         min_inputs=2,
         max_inputs=2,
         summary="lerp(base, x, clamp(t / |base - x|, 0, 1)) per entry",
-        elementwise=True,
+        locality="elementwise",
     ),
 )

@@ -32,6 +32,6 @@ METHODS = (
         min_inputs=1,
         max_inputs=1,
         summary="the single input, times `scale` when set",
-        elementwise=True,
+        locality="elementwise",
     ),
 )

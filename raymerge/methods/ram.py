@@ -67,7 +67,7 @@ METHODS = (
         params=(EPSILON,),
         base="required",
         summary="base + per entry: the only change, or the mean of several models' changes",
-        elementwise=True,
+        locality="elementwise",
     ),
     MergeMethod(
         name="ramplus_tl",

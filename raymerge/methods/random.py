@@ -96,13 +96,14 @@ def bernoulli_mask(
     p: float,
     device: torch.device | str = "cpu",
     chunk: int | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
-    """Boolean mask, True with probability p, element i decided by draw i of `stream`."""
+    """Boolean mask, True with probability p, element i decided by draw start + i."""
     count = math.prod(shape)
     cut = threshold(p)
     mask = torch.empty(count, dtype=torch.bool, device=device)
     chunk = chunk or chunk_size(mask.device)
     for offset in range(0, count, chunk):
         n = min(chunk, count - offset)
-        mask[offset : offset + n] = bits(stream, offset, n, device) < cut
+        mask[offset : offset + n] = bits(stream, start + offset, n, device) < cut
     return mask.reshape(shape)

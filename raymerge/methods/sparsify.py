@@ -87,16 +87,6 @@ def _radix_select(keys: torch.Tensor, k: int, non_negative: bool) -> tuple[int, 
     return ((bucket - offset) << 16) | value, above + greater + int(low[value]) - k
 
 
-def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
-    """The k = int(density * n) largest-magnitude entries (mergekit's `magnitude` trim), as a
-    mask; None when that is all of them."""
-    k = keep_count(density, delta.numel())
-    if k == delta.numel():
-        return None
-    # |delta| in place: the caller owns `delta` and needs at most its magnitudes afterwards
-    return top_k_mask(delta.reshape(-1).abs_(), k, non_negative=True).reshape(delta.shape)
-
-
 def l1_factor(
     before: torch.Tensor, trimmed: torch.Tensor, eps: float = 1e-7
 ) -> torch.Tensor | None:
@@ -150,11 +140,12 @@ def rank_range_mask(values: torch.Tensor, low: int, high: int) -> torch.Tensor:
     return mask
 
 
-def bernoulli(delta: torch.Tensor, density: float, stream: int) -> torch.Tensor:
-    """DARE: keep each entry with probability `density`, draw i of `stream` for entry i."""
+def bernoulli(delta: torch.Tensor, density: float, stream: int, start: int = 0) -> torch.Tensor:
+    """DARE: keep each entry with probability `density`, draw start + i of `stream` for
+    entry i (`start`: the flat index of delta's first entry in the whole tensor)."""
     if density >= 1:
         return delta
-    return delta * rng.bernoulli_mask(stream, delta.shape, density, delta.device)
+    return delta * rng.bernoulli_mask(stream, delta.shape, density, delta.device, start=start)
 
 
 def della_cuts(density: float, epsilon: float, m: int) -> torch.Tensor:
@@ -172,8 +163,9 @@ def della_cuts(density: float, epsilon: float, m: int) -> torch.Tensor:
 
 
 def della_magprune(
-    delta: torch.Tensor, density: float, epsilon: float, stream: int, chunk: int | None = None
-) -> torch.Tensor:
+    delta: torch.Tensor, density: float, epsilon: float, stream: int, chunk: int | None = None,
+    offset: int = 0,
+) -> torch.Tensor:  # fmt: skip
     """DELLA's MagPrune: in each row (along dim 1, as mergekit ranks), keep entry j with a
     probability rising linearly with its |delta| rank, density - eps (smallest) to density +
     eps (largest); rank ties by position in the row. Draws index the row-major row view.
@@ -191,7 +183,8 @@ def della_magprune(
     for start in range(0, rows.shape[0], block):
         part = rows[start : start + block]
         order = torch.sort(part.abs(), dim=1, stable=True).indices
-        draws = rng.bits(stream, start * m, part.numel(), delta.device).reshape(part.shape)
+        draws = rng.bits(stream, offset + start * m, part.numel(), delta.device)
+        draws = draws.reshape(part.shape)
         # the entry at sorted position j has rank j
         keep = torch.empty_like(order, dtype=torch.bool)
         keep.scatter_(1, order, draws.gather(1, order) < cuts)
@@ -199,19 +192,3 @@ def della_magprune(
     if delta.dim() < 2:
         return out.reshape(delta.shape)
     return out.reshape(view.shape).movedim(-1, 1)
-
-
-KEEP_ALL = -1  # `ties` value meaning every entry equal to the threshold is kept
-
-
-def threshold_trim(delta: torch.Tensor, threshold: float, ties: int) -> torch.Tensor:
-    """Keep |delta| > threshold, and the first `ties` entries equal to it (all if KEEP_ALL);
-    the global trim of TIES with `density_scope: global` (see raymerge/global_topk.py)."""
-    magnitude = delta.float().abs()  # the thresholds were found on fp32 magnitudes
-    keep = magnitude > threshold
-    if ties != 0:
-        equal = magnitude.reshape(-1) == threshold
-        if ties != KEEP_ALL:
-            equal &= torch.cumsum(equal, 0) <= ties
-        keep |= equal.reshape(delta.shape)
-    return delta * keep

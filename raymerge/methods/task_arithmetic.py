@@ -6,19 +6,41 @@ name only fixes the trim, whether signs are elected, and the defaults.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from raymerge.methods import sparsify
-from raymerge.methods.base import CPU_CHUNK, MergeInputs, MergeMethod, Param, compute_dtype
+from raymerge.methods.base import (
+    CPU_CHUNK,
+    FactRound,
+    Locality,
+    MergeInputs,
+    MergeMethod,
+    Param,
+    compute_dtype,
+    gather_facts,
+)  # fmt: skip
 
-# trim(delta, this model's parameters, inputs, the model's position among the inputs)
+# apply(delta, this model's parameters, inputs, the model's position among the inputs)
 # -> the trimmed delta (may be `delta` itself), or the boolean mask of the entries kept
 # (None: all), which saves two passes over the tensor. A trim may overwrite `delta`; one
 # that returns a mask must leave at least |delta| there (for the L1 rescale).
-Trim = Callable[[torch.Tensor, dict[str, Any], MergeInputs, int], torch.Tensor | None]
+TrimFn = Callable[[torch.Tensor, dict[str, Any], MergeInputs, int], torch.Tensor | None]
+L1_EPS = 1e-7
+
+
+@dataclass(frozen=True)
+class Trim:
+    """How one family member trims a task vector: what one call needs to see (`locality`)
+    and the fact rounds that select entries over the whole tensor (or model) first."""
+
+    apply: TrimFn
+    locality: Locality
+    rounds: Callable[[dict[str, Any]], tuple[FactRound, ...]] | None = None
 
 
 def merge(inputs: MergeInputs, trim: Trim | None, elect_sign: bool) -> torch.Tensor:
@@ -27,26 +49,69 @@ def merge(inputs: MergeInputs, trim: Trim | None, elect_sign: bool) -> torch.Ten
     others = inputs.others()
     if not others:
         return base.to(dtype)
+    facts = inputs.facts
+    if facts is None and trim is not None:
+        facts = gather_facts(family_rounds(trim, inputs.shared), inputs)
+        inputs = dataclasses.replace(inputs, facts=facts)
     # one model at a time: what its trim keeps, and its rescale factor
     masks, factors = [], []
     for position, tensor, params in others:
         mask, factor = None, None
         if trim is not None:
             delta = tensor.to(dtype, copy=True).sub_(base)  # mixed dtypes: no fp32 base copy
-            before = delta.abs().sum() if inputs.shared["rescale"] else None
-            kept = trim(delta, params, inputs, position)
-            if kept is None or kept.dtype == torch.bool:
-                mask = kept
-                if before is not None and mask is not None:
-                    factor = sparsify.l1_factor(before, delta.mul_(mask))
-            else:
-                if before is not None:
-                    factor = sparsify.l1_factor(before, kept)
-                mask = kept != 0  # where delta is 0 the kept value is 0 either way
+            kept = trim.apply(delta, params, inputs, position)
+            mask = kept if kept is None or kept.dtype == torch.bool else kept != 0
+            factor = facts.get(f"rescale {inputs.name}|{position}")
             del delta, kept
         masks.append(mask)
         factors.append(factor)
     return _combine(inputs, others, masks, factors, elect_sign, dtype)
+
+
+def family_rounds(trim: Trim, shared: dict[str, Any]) -> tuple[FactRound, ...]:
+    """The trim's selection rounds, then (with `rescale`) one round for the L1 norms of each
+    task vector before and after trimming, summed over blocks with math.fsum."""
+    rounds = trim.rounds(shared) if trim.rounds is not None else ()
+    if shared.get("rescale"):
+        rounds += (FactRound(_l1_block(trim), _l1_reduce),)
+    return rounds
+
+
+def _l1_block(trim: Trim):
+    def block(inputs: MergeInputs, facts: dict) -> dict:
+        inputs = _with_facts(inputs, facts)
+        dtype = compute_dtype(inputs.base)
+        stats: dict = {}
+        for position, tensor, params in inputs.others():
+            delta = tensor.to(dtype, copy=True).sub_(inputs.base)
+            before = float(delta.abs().sum(dtype=torch.float64))
+            kept = trim.apply(delta, params, inputs, position)
+            if kept is None:
+                after = before
+            elif kept.dtype == torch.bool:  # `delta` holds at least |delta| now
+                after = float((delta.abs() * kept).sum(dtype=torch.float64))
+            else:
+                after = float(kept.abs().sum(dtype=torch.float64))
+            stats[f"l1 {inputs.name}|{position}"] = [before]
+            stats[f"kept {inputs.name}|{position}"] = [after]
+        return stats
+
+    return block
+
+
+def _with_facts(inputs: MergeInputs, facts: dict) -> MergeInputs:
+    return dataclasses.replace(inputs, facts=facts)
+
+
+def _l1_reduce(total: dict, facts: dict, inputs: MergeInputs) -> dict:
+    facts = dict(facts)
+    for key, values in total.items():
+        if key.startswith("l1 "):
+            group = key[3:]
+            before, after = math.fsum(values), math.fsum(total[f"kept {group}"])
+            ok = before >= L1_EPS and after >= L1_EPS
+            facts[f"rescale {group}"] = before / after if ok else None
+    return facts
 
 
 def _combine(
@@ -163,13 +228,20 @@ def make(
     def merge_fn(inputs: MergeInputs) -> torch.Tensor:
         return merge(inputs, trim, elect_sign)
 
+    rounds = None  # a trim that needs the whole tensor and has no rounds cannot be split
+    if trim is not None and (trim.rounds is not None or trim.locality != "tensor"):
+
+        def rounds(shared: dict[str, Any]) -> tuple[FactRound, ...]:
+            return family_rounds(trim, shared)
+
     return MergeMethod(
         name=name,
         merge=merge_fn,
         params=family_params(default_normalize, default_rescale) + extra,
         base="required",
         summary=summary,
-        elementwise=trim is None and not elect_sign,
+        locality="elementwise" if trim is None else trim.locality,
+        rounds=rounds,
     )
 
 

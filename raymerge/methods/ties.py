@@ -9,20 +9,60 @@ does: a prepare step (raymerge/global_topk.py) finds each model's exact threshol
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
-from raymerge.methods import sparsify, task_arithmetic
-from raymerge.methods.base import MergeInputs, Param
+from raymerge.methods import selection, task_arithmetic
+from raymerge.methods.base import FactRound, MergeInputs, Param
 
 
-def trim(
+def _group_of(shared: dict[str, Any]) -> selection.GroupOf:
+    if shared["density_scope"] == "global":
+        return selection.model_group
+    return selection.tensor_group
+
+
+def magnitude_trim(
     delta: torch.Tensor, params: dict[str, Any], inputs: MergeInputs, position: int
 ) -> torch.Tensor | None:
-    if inputs.shared["density_scope"] == "global":
-        return sparsify.threshold_trim(delta, params["_threshold"], params["_ties"])
-    return sparsify.magnitude_mask(delta, params["density"])
+    """The entries of the k = int(density * n) largest magnitudes of the group (the tensor,
+    or the model's whole task vector), as found by the selection rounds."""
+    if params["density"] >= 1:
+        return None
+    group = _group_of(inputs.shared)(inputs, position)
+    return selection.keep_mask(delta, inputs.facts[group], inputs)
+
+
+def magnitude_rounds(shared: dict[str, Any]) -> tuple[FactRound, ...]:
+    return selection.rounds(_group_of(shared))
+
+
+MAGNITUDE = task_arithmetic.Trim(magnitude_trim, "tensor", magnitude_rounds)
+
+
+def spans_model(shared: dict[str, Any]) -> bool:
+    return shared["density_scope"] == "global"
+
+
+def one_density_per_model(tensors: list[tuple[tuple[int, ...], dict, tuple[dict, ...]]]):
+    """density_scope: global selects over a model's whole task vector: one density each."""
+    seen: dict[int, float] = {}
+    for models, shared, per_input in tensors:
+        if not spans_model(shared):
+            continue
+        for model, params in zip(models, per_input):
+            density = params.get("density")
+            if density is None:
+                continue  # the base
+            if seen.setdefault(model, density) != density:
+                return (
+                    f"density_scope: global needs one density per model, but input {model} "
+                    f"has density {seen[model]} on some tensors and {density} on others; give "
+                    "that model a single density"
+                )
+    return None
 
 
 DENSITY_SCOPE = Param(
@@ -34,10 +74,13 @@ METHODS = (
     task_arithmetic.make(
         "ties",
         "base + lambda * disjoint_mean_i(topk(w_i (x_i - base)))",
-        trim=trim,
+        trim=MAGNITUDE,
         elect_sign=True,
         default_normalize=True,
         default_rescale=False,
         extra=(DENSITY_SCOPE,),
     ),
+)
+METHODS = (
+    dataclasses.replace(METHODS[0], whole_model=spans_model, check_plan=one_density_per_model),
 )

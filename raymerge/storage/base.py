@@ -45,6 +45,14 @@ class Destination(Protocol):
         """Names of the entries under the root, folders with a trailing '/'."""
         ...
 
+    def list_dir(self, name: str) -> list[str]:
+        """Names of the entries in a folder under the root, folders with a trailing '/'."""
+        ...
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Create a small file only if nothing has that name yet; False when it exists."""
+        ...
+
     def read_text(self, name: str) -> str | None:
         """A small file's text, or None when it does not exist."""
         ...
@@ -67,8 +75,8 @@ class Destination(Protocol):
         ...
 
     def read_part(self, token: str, start: int, length: int) -> bytes | None:
-        """Bytes already written to an uncommitted shard, or None where they cannot be read
-        back (an S3 upload's parts, which S3 itself checks on upload)."""
+        """Bytes already written to a shard (b"" or short when they cannot be read), or None
+        where a store cannot read them back (an S3 upload's parts, which S3 itself checks)."""
         ...
 
     def commit_shard(self, name: str, token: str, receipts: list[str]) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from pathlib import Path
+import tempfile
 
 from raymerge.errors import CheckpointError, MergeFailed
 
@@ -79,50 +80,103 @@ class LocalDestination:
         return self._path(name)
 
     def list(self) -> list[str]:
-        if not os.path.isdir(self.root):
+        return self.list_dir("")
+
+    def list_dir(self, name: str) -> list[str]:
+        """Entries of a folder under the root, folders with a trailing '/'; a symlink is
+        listed as a file, never followed."""
+        path = self._path(name) if name else self.root
+        if os.path.islink(path) or not os.path.isdir(path):
             return []
         return sorted(
-            entry.name + ("/" if entry.is_dir() else "") for entry in os.scandir(self.root)
+            entry.name + ("/" if entry.is_dir(follow_symlinks=False) else "")
+            for entry in os.scandir(path)
         )
 
     def read_text(self, name: str) -> str | None:
+        """A small file's text; None when absent, unreadable, a symlink or not text."""
         try:
-            return Path(self._path(name)).read_text()
-        except FileNotFoundError:
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                return f.read().decode()
+        except (OSError, UnicodeDecodeError):
             return None
 
+    def _folder_for(self, path: str) -> None:
+        """Create the folders above `path`, refusing any that is a symlink."""
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        probe = folder
+        while len(probe) >= len(self.root) and probe != os.path.dirname(probe):
+            if os.path.islink(probe) and probe != self.root.rstrip("/"):
+                raise MergeFailed(f"{probe} is a symlink; raymerge does not write through links")
+            if probe == self.root.rstrip("/"):
+                break
+            probe = os.path.dirname(probe)
+
     def write_file(self, name: str, data: bytes) -> None:
+        """Write under a fresh temporary name (never an existing file or link), then rename:
+        the file appears complete or not at all."""
         path = self._path(name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + PARTIAL_SUFFIX
-        with open(tmp, "wb") as f:
+        self._folder_for(path)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".raymerge-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                if self.fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Create a small file only if nothing has that name yet; False when it exists."""
+        path = self._path(name)
+        self._folder_for(path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
-            if self.fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        return True
 
     def remove(self, name: str) -> None:
+        """Remove a file, a symlink (not what it points to) or a folder tree of them."""
         path = self._path(name)
-        if os.path.isdir(path):
-            for child in sorted(os.listdir(path)):
-                self.remove(os.path.join(name, child))
+        if os.path.isdir(path) and not os.path.islink(path):
+            for child in self.list_dir(name):
+                self.remove(os.path.join(name, child.rstrip("/")))
             os.rmdir(path)
         elif os.path.lexists(path):
             os.remove(path)
 
     def begin_shard(self, name: str, size: int, previous: str | None) -> tuple[str, bool]:
         """Create the partial file at its final size, or keep the one an earlier run left."""
-        os.makedirs(self.root, exist_ok=True)
         path = self._path(name) + PARTIAL_SUFFIX
-        if previous == path and os.path.isfile(path) and os.path.getsize(path) == size:
+        self._folder_for(path)
+        if (
+            previous == path
+            and not os.path.islink(path)
+            and os.path.isfile(path)
+            and (os.path.getsize(path) == size)
+        ):
             return path, True
-        with open(path, "wb") as f:
+        if os.path.lexists(path):
+            os.remove(path)  # our own name: a stale partial, or a link someone left there
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
             f.truncate(size)
         return path, False
 
     def write_part(self, name: str, token: str, part_number: int, offset: int, data) -> str:
         try:
-            fd = os.open(token, os.O_WRONLY)
+            fd = os.open(token, os.O_WRONLY | os.O_NOFOLLOW)
         except FileNotFoundError as exc:
             raise MergeFailed(
                 f"{token}: the partial shard is gone (is the output folder on a filesystem "
@@ -138,12 +192,17 @@ class LocalDestination:
         return ""
 
     def read_part(self, token: str, start: int, length: int) -> bytes | None:
+        """Bytes written earlier; b"" when they cannot be read (never taken as intact)."""
         try:
-            with open(token, "rb") as f:
-                f.seek(start)
-                return f.read(length)
+            fd = os.open(token, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
-            return None
+            return b""
+        try:
+            return os.pread(fd, length, start)
+        except OSError:
+            return b""
+        finally:
+            os.close(fd)
 
     def commit_shard(self, name: str, token: str, receipts: list[str]) -> None:
         if self.fsync:

@@ -1,0 +1,103 @@
+"""Output shards through a run: opened (or picked up), filled unit by unit, committed whole.
+
+Each shard counts the units it still waits for, so recording a result is O(1); a shard is
+committed (renamed, or its upload completed) the moment its last unit is in. On resume,
+every unit an earlier run recorded is read back and its CRCs compared, committed shards
+included: a unit whose bytes are gone or differ, or cannot be read, is redone.
+"""
+
+from __future__ import annotations
+
+from raymerge.checksum import checksum, join
+from raymerge.ledger import Ledger
+from raymerge.plan import Plan, Unit
+from raymerge.storage.base import Destination
+
+
+class ShardBook:
+    def __init__(self, destination: Destination, plan: Plan, ledger: Ledger) -> None:
+        self.destination = destination
+        self.plan = plan
+        self.ledger = ledger
+        self.units_of: dict[int, list[Unit]] = {}
+        for unit in plan.units:
+            self.units_of.setdefault(unit.shard, []).append(unit)
+        self.tokens, self.committed = self._open()
+        self.waiting = {
+            shard: sum(u.key not in ledger.done for u in units)
+            for shard, units in self.units_of.items()
+        }
+        for shard, count in self.waiting.items():
+            if count == 0 and shard not in self.committed:
+                self._commit(shard)
+
+    def _open(self) -> tuple[tuple[str, ...], set[int]]:
+        """Pick up committed and partial shards of an earlier run (keeping only recorded
+        units whose bytes check out), start the others."""
+        entries = set(self.destination.list())
+        previous = self.ledger.shard_tokens()
+        tokens, committed = [], set()
+        for index, shard in enumerate(self.plan.shards):
+            units = self.units_of.get(index, [])
+            if shard.name in entries:  # committed earlier: keep it if every unit checks out
+                final = self.destination.describe(shard.name)
+                if all(self._intact(final, u) for u in units):
+                    committed.add(index)
+                    tokens.append("")
+                    continue
+                self.destination.remove(shard.name)
+            token, resumed = self.destination.begin_shard(
+                shard.name, shard.size, previous.get(shard.name)
+            )
+            for unit in units:
+                if unit.key in self.ledger.done and not (resumed and self._intact(token, unit)):
+                    self.ledger.forget(unit.key)
+            tokens.append(token)
+        names = [s.name for s in self.plan.shards]
+        self.ledger.write_shard_tokens(dict(zip(names, tokens)))
+        return tuple(tokens), committed
+
+    def _intact(self, token: str, unit: Unit) -> bool:
+        """Whether a recorded unit's bytes are still what its record says (a read error or a
+        short read is never intact)."""
+        record = self.ledger.done.get(unit.key)
+        if record is None:
+            return False
+        data = self.destination.read_part(token, unit.start, unit.nbytes)
+        if data is None:
+            return True  # not readable back: the store itself checked the part
+        if len(data) != unit.nbytes:
+            return False
+        for tensor, row_start, row_end, crc in record["checksums"]:
+            t = self.plan.tensors[tensor]
+            row_bytes = t.nbytes // max(1, t.rows)
+            lo = t.start + row_start * row_bytes - unit.start
+            hi = t.start + row_end * row_bytes - unit.start
+            if checksum(memoryview(data)[lo:hi]) != crc:
+                return False
+        return True
+
+    def unit_done(self, unit: Unit, result) -> None:
+        self.ledger.record(unit, result)
+        self.waiting[unit.shard] -= 1
+        if self.waiting[unit.shard] == 0:
+            self._commit(unit.shard)
+
+    def _commit(self, shard: int) -> None:
+        receipts = [self.ledger.done[u.key].get("receipt", "") for u in self.units_of[shard]]
+        self.destination.commit_shard(self.plan.shards[shard].name, self.tokens[shard], receipts)
+        self.committed.add(shard)
+
+    def tensor_checksums(self) -> dict[str, str]:
+        """Each tensor's CRC-32, joined from its pieces' CRCs in row order."""
+        pieces: dict[int, list[tuple[int, int, str]]] = {}
+        for record in self.ledger.done.values():
+            for tensor, row_start, row_end, crc in record["checksums"]:
+                pieces.setdefault(tensor, []).append((row_start, row_end, crc))
+        sums = {}
+        for index, parts in pieces.items():
+            t = self.plan.tensors[index]
+            row_bytes = t.nbytes // max(1, t.rows)
+            parts.sort()
+            sums[t.name] = join([(crc, (hi - lo) * row_bytes) for lo, hi, crc in parts])
+        return sums
