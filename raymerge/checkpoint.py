@@ -13,13 +13,14 @@ import os
 import posixpath
 from dataclasses import dataclass, field
 
-from raymerge.errors import CheckpointError, ConfigError
+from raymerge.errors import CheckpointError, ConfigError, shown
 from raymerge.safetensors_format import TensorEntry, read_header
-from raymerge.storage import open_source
+from raymerge.storage import open_source, uri_scheme
 from raymerge.storage.base import Source
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_INDEX_BYTES = 64 * 1024 * 1024
+MAX_SIDE_FILE_BYTES = 16 * 1024 * 1024  # config.json and the like
 # files besides the weights that make a folder a usable Hugging Face checkpoint
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -45,14 +46,32 @@ class Checkpoint:
     fingerprints: dict[str, str] = field(default_factory=dict)
 
     def read_json(self, name: str) -> dict | None:
-        """A small JSON side file (config.json), or None if absent or unreadable."""
+        """A small JSON side file (config.json) as a new dict, or None if absent.
+
+        Raises CheckpointError when it is too large, not JSON, or not a JSON object."""
         if not self.source.exists(name):
             return None
+        where = self.source.describe(name)
+        size = self.source.size(name)
+        if size > MAX_SIDE_FILE_BYTES:
+            raise CheckpointError(
+                f"{where}: {size} bytes is too large for a model config (limit "
+                f"{MAX_SIDE_FILE_BYTES}); replace it with the model's real {name}"
+            )
         try:
-            value = json.loads(self.source.read_range(name, 0, self.source.size(name)))
-        except (ValueError, UnicodeDecodeError):
-            return None
-        return value if isinstance(value, dict) else None
+            value = json.loads(self.source.read_range(name, 0, size))
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            problem = str(exc).split(";")[0][:200] or type(exc).__name__
+            raise CheckpointError(
+                f"{where}: not valid JSON ({problem}); fix the file or restore the model's "
+                f"original {name}"
+            ) from None
+        if not isinstance(value, dict):
+            raise CheckpointError(
+                f"{where}: must be a JSON object ({{...}}), not {type(value).__name__}; fix the "
+                f"file or restore the model's original {name}"
+            )
+        return value
 
     @property
     def total_bytes(self) -> int:
@@ -60,7 +79,10 @@ class Checkpoint:
 
 
 def open_checkpoint(uri: str) -> Checkpoint:
-    """Open `uri` (folder or .safetensors file), reading and validating headers only."""
+    """Open `uri` (folder or .safetensors file), reading and validating headers only, and
+    config.json if there is one (so a broken one stops a merge before any weight is read)."""
+    if uri_scheme(uri) is not None:
+        open_source(uri)  # raises ConfigError: only local checkpoints are supported yet
     if uri.endswith(".safetensors") and os.path.isfile(uri):
         source = open_source(os.path.dirname(os.path.abspath(uri)))
         files = [os.path.basename(uri)]
@@ -68,10 +90,16 @@ def open_checkpoint(uri: str) -> Checkpoint:
     elif os.path.isdir(uri):
         source = open_source(uri)
         files, weight_map = _find_shards(source)
+    elif os.path.exists(uri):
+        raise ConfigError(
+            f"checkpoint {shown(uri)} is not a .safetensors file; give a folder holding "
+            "*.safetensors files or a .safetensors file (pickle .bin/.pt weights must be "
+            "converted first)"
+        )
     else:
         raise ConfigError(
-            f"checkpoint {uri!r} does not exist; give a folder holding *.safetensors files or a "
-            ".safetensors file"
+            f"checkpoint {shown(uri)} does not exist; give a folder holding *.safetensors files "
+            "or a .safetensors file"
         )
     tensors: dict[str, TensorEntry] = {}
     fingerprints = {}
@@ -81,23 +109,29 @@ def open_checkpoint(uri: str) -> Checkpoint:
         for name, entry in entries.items():
             if name in tensors:
                 raise CheckpointError(
-                    f"{uri}: tensor {name!r} is stored twice, in {tensors[name].file} and {file}"
+                    f"{uri}: tensor {shown(name)} is stored twice, in {tensors[name].file} and "
+                    f"{file}; the checkpoint is corrupt"
                 )
             tensors[name] = entry
     if weight_map is not None:
         _check_weight_map(uri, weight_map, tensors)
     if not tensors:
         raise CheckpointError(f"{uri}: holds no tensors")
-    return Checkpoint(uri, source, tensors, files, fingerprints)
+    checkpoint = Checkpoint(uri, source, tensors, files, fingerprints)
+    checkpoint.read_json("config.json")
+    return checkpoint
 
 
 def _find_shards(source: Source) -> tuple[list[str], dict[str, str] | None]:
     names = source.list()
     if INDEX_NAME in names:
+        _check_is_file(source, INDEX_NAME)
         weight_map = _read_index(source)
         return sorted(set(weight_map.values())), weight_map
     shards = [n for n in names if n.endswith(".safetensors")]
     if shards:
+        for name in shards:
+            _check_is_file(source, name)
         return shards, None
     hint = ""
     if any(n.endswith(".bin") or n.endswith(".pt") for n in names):
@@ -105,7 +139,17 @@ def _find_shards(source: Source) -> tuple[list[str], dict[str, str] | None]:
             "; it holds pickle (.bin/.pt) weights, which raymerge does not load: convert them "
             "with `transformers` (save_pretrained(..., safe_serialization=True))"
         )
+    if source.root.endswith(".safetensors"):
+        hint += "; this is a folder, not a .safetensors file"
     raise ConfigError(f"{source.root}: no *.safetensors files or {INDEX_NAME} found{hint}")
+
+
+def _check_is_file(source: Source, name: str) -> None:
+    if not source.exists(name):
+        raise CheckpointError(
+            f"{source.describe(name)}: not a regular file (a folder?); move it out of the "
+            "checkpoint folder or replace it with the real file"
+        )
 
 
 def _read_index(source: Source) -> dict[str, str]:
@@ -115,8 +159,9 @@ def _read_index(source: Source) -> dict[str, str]:
         raise CheckpointError(f"{where}: {size} bytes is too large for an index file")
     try:
         index = json.loads(source.read_range(INDEX_NAME, 0, size))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{where}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        problem = str(exc).split(";")[0][:200] or type(exc).__name__
+        raise CheckpointError(f"{where}: not valid JSON ({problem})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -125,13 +170,13 @@ def _read_index(source: Source) -> dict[str, str]:
     for tensor, file in weight_map.items():
         if not _is_safe_relative(file):
             raise CheckpointError(
-                f"{where}: tensor {tensor!r} points to {file!r}, outside the checkpoint folder; "
-                "shard names must be plain relative paths without '..'"
+                f"{where}: tensor {shown(tensor)} points to {shown(file)}, outside the checkpoint "
+                "folder; shard names must be plain relative paths without '..'"
             )
         if not source.exists(file):
             raise CheckpointError(
-                f"{where}: tensor {tensor!r} points to {file!r}, which does not exist "
-                "(incomplete download?)"
+                f"{where}: tensor {shown(tensor)} points to {shown(file)}, which does not exist "
+                "or is not a file (incomplete download?)"
             )
     return weight_map
 
@@ -150,6 +195,6 @@ def _check_weight_map(
         entry = tensors.get(name)
         if entry is None or entry.file != file:
             raise CheckpointError(
-                f"{uri}/{INDEX_NAME}: lists tensor {name!r} in {file}, but that file's header "
-                "does not hold it"
+                f"{uri}/{INDEX_NAME}: lists tensor {shown(name)} in {shown(file)}, but that "
+                "file's header does not hold it"
             )

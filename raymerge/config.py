@@ -8,17 +8,19 @@ top-level `normalize: true` there does nothing).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import yaml
 
 from raymerge.dtypes import parse_config_dtype
-from raymerge.errors import ConfigError
+from raymerge.errors import ConfigError, shown
 from raymerge.methods import REGISTRY, get_method
 from raymerge.methods.base import MergeMethod
 from raymerge.params import check_setting
 from raymerge.sizes import parse_size
 from raymerge.spec import InputModel, MergeSpec, OutputSlice, SliceSource
+from raymerge.storage import uri_scheme
 
 TOP_LEVEL_KEYS = {
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
@@ -27,24 +29,161 @@ TOP_LEVEL_KEYS = {
 RAYMERGE_KEYS = {"seed", "shard_size", "part_size"}
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a mergekit config is a few KiB
+MAX_YAML_VALUES = 100_000  # after expanding aliases: stops "billion laughs" configs
+MAX_MESSAGE_CHARS = 600  # one problem's message, however long the values it quotes
+KEY_KINDS = {
+    "int": "an integer", "float": "a number", "bool": "a boolean", "null": "null",
+    "timestamp": "a date",
+}  # fmt: skip
+
+
 def load_spec(path: str, overrides: dict[str, Any] | None = None) -> MergeSpec:
     """Read and check a YAML config file; relative model paths are tried against the current
     folder, then the config's folder."""
+    data = _load_yaml(path)
+    return parse_spec(data, path, os.path.dirname(os.path.abspath(path)), overrides or {})
+
+
+def _load_yaml(path: str) -> Any:
+    """The config's one YAML document: string keys only, no duplicates, bounded size."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} does not exist") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path!r} cannot be read: {exc}") from None
+        raise ConfigError(f"config file {shown(path)} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"config file {shown(path)} cannot be read ({exc.strerror or exc}); give a YAML file"
+        ) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: more than {MAX_CONFIG_BYTES} bytes, too large for a merge config; "
+            "is it the right file?"
+        )
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x}); a config is a "
+            "YAML text file"
+        ) from None
+    if "\x00" in text:
+        raise ConfigError(
+            f"{path}: holds NUL bytes (first at character {text.index(chr(0))}); a config is a "
+            "YAML text file, not a binary one"
+        )
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)
+        if not loader.check_node():
+            raise ConfigError(
+                f"{path}: the file is empty; a config is a YAML mapping with merge_method and "
+                "models: or slices: (see docs/configs.md)"
+            )
+        node = loader.get_node()
+        if loader.check_node():
+            line = loader.peek_event().start_mark.line + 1
+            raise ConfigError(
+                f"{path}: holds more than one YAML document (another starts at line {line}, "
+                "after '---'); put each merge in its own config file"
+            )
+        _check_nodes(node, path)
+        return loader.construct_document(node)
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError(
+            f"{path}: character {exc.character!r} at position {exc.position} is not allowed in "
+            "YAML; a config is a YAML text file"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}: YAML syntax error{at}: {problem}") from None
-    return parse_spec(data, path, os.path.dirname(os.path.abspath(path)), overrides or {})
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{at}: {_clip(problem)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply to be a merge config") from None
+    except (ValueError, OverflowError) as exc:  # e.g. an integer of 5000 digits
+        problem = _clip(str(exc).split(";")[0])
+        raise ConfigError(f"{path}: a value cannot be read ({problem}); fix or remove it") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _check_nodes(root: yaml.Node, path: str) -> None:
+    """Refuse duplicate or non-string keys, recursive aliases and aliases that expand beyond
+    MAX_YAML_VALUES values; walks each distinct node once."""
+    sizes: dict[int, int] = {}  # node id -> values it expands to
+    open_nodes: set[int] = set()
+
+    def at(node: yaml.Node) -> str:
+        return f"line {node.start_mark.line + 1}, column {node.start_mark.column + 1}"
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise ConfigError(
+                f"{path}: the alias at {at(node)} refers to a value that contains it (a "
+                "recursive structure); write the value out instead"
+            )
+        open_nodes.add(id(node))
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            _check_keys(node, path, at)
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        for child in children:
+            total += size(child)
+            if total > MAX_YAML_VALUES:
+                raise ConfigError(
+                    f"{path}: the YAML expands to more than {MAX_YAML_VALUES} values through "
+                    f"its aliases (*name, near {at(node)}); a merge config needs far fewer: "
+                    "write it without nested aliases"
+                )
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(root)
+
+
+def _check_keys(node: yaml.MappingNode, path: str, at: Callable[[yaml.Node], str]) -> None:
+    seen: dict[str, yaml.Node] = {}
+    for key, _ in node.value:
+        if key.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *defaults`
+        if not isinstance(key, yaml.ScalarNode):
+            kind = "list" if isinstance(key, yaml.SequenceNode) else "mapping"
+            raise ConfigError(
+                f"{path}: a {kind} is used as a key at {at(key)}; config keys are names like "
+                "merge_method or models"
+            )
+        if key.tag != "tag:yaml.org,2002:str":
+            kind = KEY_KINDS.get(key.tag.rsplit(":", 1)[-1], key.tag)
+            raise ConfigError(
+                f"{path}: key {shown(key.value)} at {at(key)} is read as {kind}, not a string; "
+                "config keys are names like merge_method or models (quote it if it is meant as "
+                "text)"
+            )
+        if key.value in seen:
+            raise ConfigError(
+                f"{path}: key {shown(key.value)} appears twice in the same mapping, at "
+                f"{at(seen[key.value])} and {at(key)}; keep one (YAML would silently use the "
+                "last)"
+            )
+        seen[key.value] = key
+
+
+def _clip(message: str) -> str:
+    """A message cut to MAX_MESSAGE_CHARS, keeping its start (where) and end (what to do)."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    keep = MAX_MESSAGE_CHARS // 2
+    return f"{message[:keep]} ... {message[-keep:]}"
 
 
 class _Reader:
@@ -71,12 +210,20 @@ class _Reader:
     def resolve_path(self, ref: Any, where: str) -> str | None:
         if not isinstance(ref, str) or not ref.strip():
             self.errors.append(
-                f"{where}: {ref!r} must be a path to a checkpoint folder or .safetensors file"
+                f"{where}: {shown(ref)} must be a path to a checkpoint folder or .safetensors file"
+            )
+            return None
+        scheme = uri_scheme(ref)
+        if scheme is not None:
+            self.errors.append(
+                f"{where}: {shown(ref)}: {scheme}:// models are not supported yet; raymerge "
+                "reads local checkpoint folders and .safetensors files (download the model "
+                "first, e.g. with `huggingface-cli download`)"
             )
             return None
         if "+" in ref and not os.path.exists(ref):
             self.errors.append(
-                f"{where}: {ref!r}: LoRA adapters (model+lora) are not supported yet; "
+                f"{where}: {shown(ref)}: LoRA adapters (model+lora) are not supported yet; "
                 "merge the adapter into its model first"
             )
             return None
@@ -87,10 +234,10 @@ class _Reader:
         for candidate in candidates:
             if os.path.exists(candidate):
                 return os.path.abspath(candidate)
-        looked = " or ".join(repr(os.path.abspath(c)) for c in candidates)
+        looked = " or ".join(shown(os.path.abspath(c)) for c in candidates)
         self.errors.append(
-            f"{where}: {ref!r} not found (looked for {looked}); raymerge reads local checkpoint "
-            "folders and .safetensors files (download hub models first, e.g. with "
+            f"{where}: {shown(ref)} not found (looked for {looked}); raymerge reads local "
+            "checkpoint folders and .safetensors files (download hub models first, e.g. with "
             "`huggingface-cli download`)"
         )
         return None
@@ -108,23 +255,24 @@ class _Reader:
                 if p is None:
                     allowed = ", ".join(q.name for q in self.method.params) or "none"
                     self.errors.append(
-                        f"{where}.{name}: unknown parameter {name!r} for {self.method.name}; "
+                        f"{where}.{name}: unknown parameter {shown(name)} for {self.method.name}; "
                         f"its parameters: {allowed}"
                     )
                 elif per_model_only and p.scope == "shared":
                     self.errors.append(
-                        f"{where}.{name}: {name!r} is a global parameter of {self.method.name}; "
-                        "move it to the top-level `parameters:` (or the slice's)"
+                        f"{where}.{name}: {shown(name)} is a global parameter of "
+                        f"{self.method.name}; move it to the top-level `parameters:` (or the "
+                        "slice's)"
                     )
                 else:
                     check_setting(setting, f"{where}.{name}", p.validate, self.errors)
         return dict(raw)
 
     def keys(self, entry: dict, allowed: set[str], where: str) -> None:
-        unknown = sorted(set(entry) - allowed)
+        unknown = sorted(str(k) for k in entry if k not in allowed)
         if unknown:
             self.errors.append(
-                f"{where}: unknown key(s) {unknown}; allowed: {', '.join(sorted(allowed))}"
+                f"{where}: unknown key(s) {shown(unknown)}; allowed: {', '.join(sorted(allowed))}"
             )
 
 
@@ -133,8 +281,11 @@ def parse_spec(
 ) -> MergeSpec:
     overrides = overrides or {}
     if not isinstance(data, dict):
+        kinds = {list: "a list", str: "a single string", type(None): "empty", bool: "a boolean"}
+        kind = kinds.get(type(data), "a number" if isinstance(data, int | float) else "no mapping")
         raise ConfigError(
-            f"{source}: the config must be a YAML mapping (merge_method, models, ...)"
+            f"{source}: the config must be a YAML mapping (merge_method, models, ...), but it "
+            f"is {kind}"
         )
     method = _parse_method(data)
     reader = _Reader(config_dir, method if isinstance(method, MergeMethod) else None)
@@ -189,6 +340,7 @@ def _parse_method(data: dict) -> MergeMethod | str:
 
 
 def _format_errors(source: str, errors: list[str]) -> str:
+    errors = [_clip(e) for e in errors]
     if len(errors) == 1:
         return f"{source}: {errors[0]}"
     return f"{source}: {len(errors)} problems:\n" + "\n".join(f"  - {e}" for e in errors)
@@ -293,7 +445,8 @@ def _parse_layer_range(entry: dict, where: str, reader: _Reader) -> tuple[int, i
     ):
         return (raw[0], raw[1])
     reader.errors.append(
-        f"{where}.layer_range: {raw!r} must be [start, end] with 0 <= start < end (end excluded)"
+        f"{where}.layer_range: {shown(raw)} must be [start, end] with 0 <= start < end "
+        "(end excluded)"
     )
     return None
 
@@ -304,7 +457,7 @@ def _check_distinct(sources: list[SliceSource], reader: _Reader) -> None:
         if source.input in seen:
             given = reader.inputs[source.input].given
             reader.errors.append(
-                f"{source.yaml_path}: {given!r} is listed twice (also {seen[source.input]})"
+                f"{source.yaml_path}: {shown(given)} is listed twice (also {seen[source.input]})"
             )
         seen[source.input] = source.yaml_path
 
@@ -357,7 +510,7 @@ def _check_slice_against_method(
                     else f"set {source.yaml_path}.parameters.{p.name}"
                 )
                 reader.errors.append(
-                    f"{source.yaml_path}: {method.name} needs {p.name!r} for {given!r}; "
+                    f"{source.yaml_path}: {method.name} needs {p.name!r} for {shown(given)}; "
                     f"{fix}, or a default in the top-level parameters.{p.name}"
                 )
     _check_constant_params(reader, out_slice, parameters)
@@ -440,7 +593,7 @@ def _parse_raymerge_section(raw: Any, overrides: dict[str, Any], errors: list[st
         if not isinstance(raw, dict):
             errors.append("raymerge: must be a mapping (seed, shard_size, part_size)")
         else:
-            for key in sorted(set(raw) - RAYMERGE_KEYS):
+            for key in sorted(str(k) for k in raw if k not in RAYMERGE_KEYS):
                 errors.append(
                     f"raymerge.{key}: unknown key; allowed: {', '.join(sorted(RAYMERGE_KEYS))}"
                 )
@@ -449,7 +602,7 @@ def _parse_raymerge_section(raw: Any, overrides: dict[str, Any], errors: list[st
     options: dict[str, Any] = {}
     seed = section.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        errors.append(f"raymerge.seed: {seed!r} must be a non-negative integer")
+        errors.append(f"raymerge.seed: {shown(seed)} must be a non-negative integer")
     else:
         options["seed"] = seed
     for key in ("shard_size", "part_size"):
@@ -458,4 +611,6 @@ def _parse_raymerge_section(raw: Any, overrides: dict[str, Any], errors: list[st
                 options[key] = parse_size(section[key], f"raymerge.{key}")
             except ConfigError as exc:
                 errors.append(str(exc))
+            except (OverflowError, ValueError):  # "1e999GB"
+                errors.append(f"raymerge.{key}: {shown(section[key])} is too large a size")
     return options

@@ -2,30 +2,32 @@
 
 from __future__ import annotations
 
-import torch
+from raymerge.errors import ConfigError, shown
+from raymerge.lazy import torch
 
-from raymerge.errors import ConfigError
-
-# safetensors dtype name -> (torch dtype, bytes per element)
-SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "BOOL": (torch.bool, 1),
-    "U8": (torch.uint8, 1),
-    "I8": (torch.int8, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-    "I16": (torch.int16, 2),
-    "U16": (torch.uint16, 2),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I32": (torch.int32, 4),
-    "U32": (torch.uint32, 4),
-    "F32": (torch.float32, 4),
-    "I64": (torch.int64, 8),
-    "U64": (torch.uint64, 8),
-    "F64": (torch.float64, 8),
+# safetensors dtype name -> (torch dtype's name, bytes per element); names, not torch
+# objects, so the driver never imports torch
+SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
+    "BOOL": ("bool", 1),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "I16": ("int16", 2),
+    "U16": ("uint16", 2),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I32": ("int32", 4),
+    "U32": ("uint32", 4),
+    "F32": ("float32", 4),
+    "I64": ("int64", 8),
+    "U64": ("uint64", 8),
+    "F64": ("float64", 8),
 }
 
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
+# FP8 weights come with per-block scale tensors; merging them without those is wrong
+FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2"})
 
 # names a config or the CLI may use for an output dtype (mergekit's spelling first)
 CONFIG_DTYPE_ALIASES: dict[str, str] = {
@@ -43,7 +45,7 @@ CONFIG_DTYPE_ALIASES: dict[str, str] = {
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    return SAFETENSORS_DTYPES[name][0]
+    return getattr(torch, SAFETENSORS_DTYPES[name][0])
 
 
 def itemsize(name: str) -> int:
@@ -57,4 +59,4 @@ def parse_config_dtype(value: object, where: str) -> str:
         if key in CONFIG_DTYPE_ALIASES:
             return CONFIG_DTYPE_ALIASES[key]
     allowed = ", ".join(sorted({k for k in CONFIG_DTYPE_ALIASES if k.endswith(("16", "32", "64"))}))
-    raise ConfigError(f"{where}: unknown dtype {value!r}; allowed: {allowed}")
+    raise ConfigError(f"{where}: unknown dtype {shown(value)}; allowed: {allowed}")

@@ -30,3 +30,14 @@ class MergeFailed(RaymergeError):
     """The merge itself failed at run time (workers, storage)."""
 
     exit_code = 1
+
+
+SHOWN_CHARS = 200  # the most of one bad value a message shows
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """`repr(value)` for a message, cut to at most `limit` characters."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 25]}... ({len(text)} characters)"

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zlib
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raymerge.errors import CheckpointError
+from raymerge.errors import CheckpointError, shown
 from raymerge.plan import Plan
 from raymerge.safetensors_format import read_header
 from raymerge.storage import open_source
@@ -80,52 +81,137 @@ class VerifyReport:
     problems: list[str]
 
 
+MAX_TENSOR_INDEX_BYTES = 1 << 30
+# the columns `verify` reads (their types are TENSOR_SCHEMA's)
+VERIFY_COLUMNS = ("name", "shard", "dtype", "shape", "start", "end", "checksum")
+
+
 def verify(out: str) -> VerifyReport:
-    """Recompute every tensor's checksum and check each shard's header against the index."""
+    """Recompute every tensor's checksum and check each shard's header against the index.
+
+    tensors.parquet is untrusted: its schema is checked, shard names must be plain file names
+    in `out`, and each row's dtype, shape and byte range must match the shard's own header.
+    """
     source = open_source(out)
+    if not os.path.isdir(out):
+        raise CheckpointError(f"{out}: not a folder; give the output folder of `raymerge run`")
     if not source.exists(TENSOR_INDEX):
         raise CheckpointError(
             f"{out}: no {TENSOR_INDEX}; this is not a complete raymerge output "
             "(an unfinished run? rerun `raymerge run` with the same config to resume)"
         )
-    try:
-        # no Arrow thread pools: they can abort the interpreter at exit (apache/arrow#34314)
-        table = pq.read_table(
-            io.BytesIO(source.read_range(TENSOR_INDEX, 0, source.size(TENSOR_INDEX))),
-            use_threads=False,
-            pre_buffer=False,
-        )
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise CheckpointError(f"{source.describe(TENSOR_INDEX)}: unreadable ({exc})") from None
+    rows = _read_tensor_index(source)
     problems: list[str] = []
     if not source.exists(COMPLETE):
         problems.append(f"{COMPLETE} marker is missing: the run did not finish")
-    rows = table.to_pylist()
     checked = 0
-    headers: dict[str, dict] = {}
-    for row in rows:
-        shard = row["shard"]
+    headers: dict[str, dict | None] = {}
+    listed: dict[str, set[str]] = {}
+    for number, row in enumerate(rows):
+        problem = _row_problem(row)
+        if problem:
+            problems.append(f"{TENSOR_INDEX} row {number}: {problem}")
+            continue
+        shard, name = row["shard"], row["name"]
+        if name in listed.get(shard, ()):
+            problems.append(f"{shard}: tensor {shown(name)} is listed twice in {TENSOR_INDEX}")
+            continue
+        listed.setdefault(shard, set()).add(name)
         if shard not in headers:
             headers[shard] = _shard_header(source, shard, problems)
-        entry = headers[shard].get(row["name"]) if headers[shard] is not None else None
-        if headers[shard] is None:
+        header = headers[shard]
+        if header is None:
             continue
+        entry = header.get(name)
         if entry is None or (entry.start, entry.end) != (row["start"], row["end"]):
-            problems.append(f"{shard}: tensor {row['name']!r} is not where the index says")
+            problems.append(f"{shard}: tensor {shown(name)} is not where the index says")
+            continue
+        if (entry.dtype, list(entry.shape)) != (row["dtype"], row["shape"]):
+            problems.append(
+                f"{shard}: tensor {shown(name)} is {entry.dtype} {list(entry.shape)} in the "
+                f"shard's header but {shown(row['dtype'])} {shown(row['shape'])} in {TENSOR_INDEX}"
+            )
             continue
         data = source.read_range(shard, row["start"], row["end"] - row["start"])
         checked += len(data)
         actual = f"{zlib.crc32(data):08x}"
         if actual != row["checksum"]:
             problems.append(
-                f"{shard}: tensor {row['name']!r} checksum {actual} != index {row['checksum']}"
+                f"{shard}: tensor {shown(name)} checksum {actual} != index {shown(row['checksum'])}"
+            )
+    for shard, header in headers.items():
+        unlisted = sorted(set(header or ()) - listed.get(shard, set()))
+        if unlisted:
+            problems.append(
+                f"{shard}: holds {len(unlisted)} tensor(s) that {TENSOR_INDEX} does not list, "
+                f"first {shown(unlisted[0])}"
             )
     return VerifyReport(len(rows), len(headers), checked, problems)
 
 
+def _read_tensor_index(source) -> list[dict]:
+    """tensors.parquet's rows, after checking it is Parquet with the columns verify needs."""
+    where = source.describe(TENSOR_INDEX)
+    size = source.size(TENSOR_INDEX)
+    if size > MAX_TENSOR_INDEX_BYTES:
+        raise CheckpointError(f"{where}: {size} bytes is too large for a tensor index")
+    try:
+        # no Arrow thread pools: they can abort the interpreter at exit (apache/arrow#34314)
+        table = pq.read_table(
+            io.BytesIO(source.read_range(TENSOR_INDEX, 0, size)),
+            use_threads=False,
+            pre_buffer=False,
+        )
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        problem = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"{where}: not a readable Parquet file ({problem}); the output is damaged: rerun "
+            "the merge with --force"
+        ) from None
+    for column in VERIFY_COLUMNS:
+        expected = TENSOR_SCHEMA.field(column).type
+        count = table.column_names.count(column)
+        if count != 1:
+            raise CheckpointError(
+                f"{where}: column {column!r} is {'missing' if not count else 'duplicated'}; this "
+                "is not a raymerge tensor index (or it is damaged): rerun the merge with --force"
+            )
+        actual = table.schema.field(column).type
+        if not actual.equals(expected):
+            raise CheckpointError(
+                f"{where}: column {column!r} has type {actual}, expected {expected}; the index "
+                "is damaged: rerun the merge with --force"
+            )
+    return table.select(list(VERIFY_COLUMNS)).to_pylist()
+
+
+def _row_problem(row: dict) -> str | None:
+    """What is wrong with one row's values, or None."""
+    for column in ("name", "shard", "dtype", "checksum"):
+        if not isinstance(row[column], str) or not row[column]:
+            return f"{column} is empty"
+    if not is_plain_file_name(row["shard"]):
+        return (
+            f"shard {shown(row['shard'])} is not a plain *.safetensors file name in the output "
+            "folder; the index is damaged or was tampered with"
+        )
+    start, end = row["start"], row["end"]
+    if start is None or end is None or not 0 <= start <= end:
+        return f"byte range [{start}, {end}) of tensor {shown(row['name'])} is not valid"
+    shape = row["shape"]
+    if shape is None or any(d is None or d < 0 for d in shape):
+        return f"shape {shown(shape)} of tensor {shown(row['name'])} is not valid"
+    return None
+
+
+def is_plain_file_name(name: str) -> bool:
+    """A shard name that stays inside its folder: no separators, no '..', no NUL."""
+    return name.endswith(".safetensors") and not any(c in name for c in "/\\:\x00")
+
+
 def _shard_header(source, shard: str, problems: list[str]) -> dict | None:
     if not source.exists(shard):
-        problems.append(f"{shard}: missing")
+        problems.append(f"{shard}: missing (or not a regular file)")
         return None
     try:
         entries, _ = read_header(source, shard)

@@ -14,12 +14,14 @@ import re
 from dataclasses import dataclass
 
 from raymerge.checkpoint import Checkpoint
-from raymerge.errors import ConfigError
+from raymerge.dtypes import FP8_DTYPES
+from raymerge.errors import CheckpointError, ConfigError, shown
 from raymerge.safetensors_format import TensorEntry
 from raymerge.spec import MergeSpec, OutputSlice
 
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_out.weight")
+MAX_LAYERS = 100_000  # far above any real model; keeps a corrupt name from planning forever
 
 
 @dataclass(frozen=True)
@@ -50,12 +52,25 @@ def with_layer(name: str, layer: int) -> str:
 
 
 def layer_count(checkpoint: Checkpoint) -> int:
-    """One more than the highest layer index, or config.json's num_hidden_layers if larger."""
-    config = checkpoint.read_json("config.json") or {}
-    count = config.get("num_hidden_layers")
-    declared = count if isinstance(count, int) and not isinstance(count, bool) else 0
-    layers = [layer_of(n) for n in checkpoint.tensors]
-    return max(declared, max((layer for layer in layers if layer is not None), default=-1) + 1)
+    """One more than the highest layer index among the tensors (the tensors are what a merge
+    reads; config.json's num_hidden_layers is not trusted for this)."""
+    return max(layer_tensors(checkpoint), default=-1) + 1
+
+
+def layer_tensors(checkpoint: Checkpoint) -> dict[int, list[str]]:
+    """The checkpoint's tensor names by layer index; refuses implausible layer indices."""
+    by_layer: dict[int, list[str]] = {}
+    for name in checkpoint.tensors:
+        layer = layer_of(name)
+        if layer is None:
+            continue
+        if layer >= MAX_LAYERS:
+            raise CheckpointError(
+                f"{checkpoint.uri}: tensor {shown(name)} is in layer {layer}; more than "
+                f"{MAX_LAYERS} layers is not plausible: the checkpoint's header is corrupt"
+            )
+        by_layer.setdefault(layer, []).append(name)
+    return by_layer
 
 
 def map_tensors(spec: MergeSpec, checkpoints: list[Checkpoint]) -> tuple[list[TensorJob], int]:
@@ -64,14 +79,23 @@ def map_tensors(spec: MergeSpec, checkpoints: list[Checkpoint]) -> tuple[list[Te
         check_agreement(spec, checkpoints)
     jobs: list[TensorJob] = []
     offset = 0
+    by_layer: dict[int, dict[int, list[str]]] = {}  # per input
     for index, out_slice in enumerate(spec.slices):
         length = _slice_length(spec, checkpoints, out_slice)
-        reference = _reference_source(out_slice)
-        for j in range(length):
+        if offset + length > MAX_LAYERS:
+            raise ConfigError(
+                f"{spec.source}: the slices give the output more than {MAX_LAYERS} layers; "
+                "check the layer ranges"
+            )
+        ref_source = out_slice.sources[_reference_source(out_slice)]
+        if ref_source.input not in by_layer:
+            by_layer[ref_source.input] = layer_tensors(checkpoints[ref_source.input])
+        ref_layers = by_layer[ref_source.input]
+        first = _first_layer(ref_source)
+        for ref_layer in sorted(k for k in ref_layers if first <= k < first + length):
+            j = ref_layer - first
             t = j / (length - 1) if length > 1 else 1.0
-            ref_input = out_slice.sources[reference].input
-            ref_layer = _first_layer(out_slice.sources[reference]) + j
-            for name in _layer_tensors(checkpoints[ref_input], ref_layer):
+            for name in ref_layers[ref_layer]:
                 sources = tuple(
                     (s.input, with_layer(name, _first_layer(s) + j)) for s in out_slice.sources
                 )
@@ -112,10 +136,6 @@ def _slice_length(spec: MergeSpec, checkpoints: list[Checkpoint], out_slice: Out
     return lengths[0] if lengths else 0
 
 
-def _layer_tensors(checkpoint: Checkpoint, layer: int) -> list[str]:
-    return [n for n in checkpoint.tensors if layer_of(n) == layer]
-
-
 def _outside_layers(spec: MergeSpec, checkpoints: list[Checkpoint]) -> list[TensorJob]:
     jobs = []
     first, last = 0, len(spec.slices) - 1
@@ -133,15 +153,26 @@ def _outside_layers(spec: MergeSpec, checkpoints: list[Checkpoint]) -> list[Tens
 
 
 def _check_present(spec: MergeSpec, checkpoints: list[Checkpoint], jobs: list[TensorJob]) -> None:
+    """Every input tensor a job reads exists, and is not FP8 (its scales would be lost)."""
     for job in jobs:
         for position, (input_index, name) in enumerate(job.sources):
-            if name not in checkpoints[input_index].tensors:
+            entry = checkpoints[input_index].tensors.get(name)
+            if entry is not None and entry.dtype not in FP8_DTYPES:
+                continue
+            given = shown(spec.inputs[input_index].given)
+            if entry is None:
                 source = spec.slices[job.slice_index].sources[position]
                 raise ConfigError(
-                    f"{spec.source}: {source.yaml_path}: {spec.inputs[input_index].given!r} has no "
-                    f"tensor {name!r}, needed for the output's {job.name!r}; merge models of the "
-                    "same architecture"
+                    f"{spec.source}: {source.yaml_path}: {given} has no tensor {shown(name)}, "
+                    f"needed for the output's {shown(job.name)}; merge models of the same "
+                    "architecture"
                 )
+            file = checkpoints[input_index].source.describe(entry.file)
+            raise ConfigError(
+                f"{given}: tensor {shown(name)} in {file} is FP8 ({entry.dtype}); FP8 "
+                "checkpoints need their scale tensors applied, which raymerge does not "
+                "support yet: merge the model's BF16/FP16 release, or dequantize it first"
+            )
 
 
 def check_agreement(spec: MergeSpec, checkpoints: list[Checkpoint]) -> None:

@@ -377,9 +377,9 @@ def _cut_units(
             if group:
                 units.append(_unit(len(units), part, tensors, shards, group))
                 group = []
-            units.extend(_unit(len(units) + k, part, tensors, shards, [p]) for k, p in
-                         enumerate(pieces))  # fmt: skip
-        if group or not units or units[-1].end < part.end:
+            for piece in pieces:
+                units.append(_unit(len(units), part, tensors, shards, [piece]))
+        if group:
             units.append(_unit(len(units), part, tensors, shards, group))
     return units
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from raymerge.errors import ConfigError
+from raymerge.errors import ConfigError, shown
 
 LOCAL_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -19,11 +21,17 @@ LOCAL_ENV = {
     # keeps a local Ray on 127.0.0.1 instead of every interface
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
+CONNECT_TIMEOUT_S = 5.0  # for the probe of --address; Ray itself retries forever
+# the client's HTTP/2 connection preface and an empty SETTINGS frame (gRPC speaks HTTP/2)
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_ADDRESS = re.compile(r"^(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})$")
 
 
 @contextmanager
 def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[None]:
     """Use the running Ray, connect to `address`, or start a local Ray (shut down after)."""
+    if address:
+        check_address(address)
     # Ray reads some of these when it is imported, so they are set first.
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     if not address:
@@ -44,7 +52,7 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
             ray.init(address=address, **kwargs)
         else:
             ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
-    except ConnectionError as exc:
+    except (ConnectionError, ValueError) as exc:
         raise ConfigError(
             f"--address {address}: cannot connect to a Ray cluster there ({exc}); check the "
             "address (ray://HOST:10001 or HOST:6379) or leave --address out to run locally"
@@ -53,6 +61,54 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
         yield
     finally:
         ray.shutdown()
+
+
+def check_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise ConfigError unless a gRPC server (Ray's GCS or Ray Client) answers at `address`
+    (HOST:PORT or ray://HOST:PORT; "auto" is left to Ray), so a wrong address fails within
+    about `timeout_s` instead of Ray retrying forever."""
+    if address == "auto":
+        return
+    match = _ADDRESS.match(address)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        raise ConfigError(
+            f"--address {shown(address)}: not a Ray address; give HOST:6379 (the head node's GCS "
+            "port), ray://HOST:10001 (Ray Client) or auto, or leave --address out to run locally"
+        )
+    host, port = match.group(1).strip("[]"), int(match.group(2))
+    fix = (
+        "start one with `ray start --head` on that host, check the host and port, or leave "
+        "--address out to run locally"
+    )
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", ""):
+                reply = _http2_reply(conn)
+                if len(reply) < 9 or reply[3] != 4:  # a SETTINGS frame starts every reply
+                    raise ConfigError(
+                        f"--address {address}: something listens there, but it is not a Ray "
+                        f"cluster (no gRPC answer within {timeout_s:.0f} s); {fix}"
+                    )
+    except OSError as exc:
+        problem = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise ConfigError(
+            f"--address {address}: no Ray cluster answers there ({problem}); {fix}"
+        ) from None
+
+
+def _http2_reply(conn: socket.socket) -> bytes:
+    """The first 9 bytes a server sends back after the HTTP/2 preface (b"" on timeout)."""
+    conn.sendall(H2_PREFACE)
+    reply = b""
+    try:
+        while len(reply) < 9:
+            chunk = conn.recv(9 - len(reply))
+            if not chunk:
+                break
+            reply += chunk
+    except TimeoutError:
+        pass
+    return reply
 
 
 def cluster_resources() -> dict[str, float]:

@@ -27,7 +27,7 @@ from raymerge.ray_cluster import ray_session
 from raymerge.shards import ShardBook
 from raymerge.sizes import human
 from raymerge.spec import MergeSpec
-from raymerge.storage import open_destination
+from raymerge.storage import check_writable_destination, open_destination
 from raymerge.worker import WorkContext
 
 SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
@@ -101,6 +101,7 @@ def run_merge(
     spec: MergeSpec, out: str, options: RunOptions, log: Callable[[str], None] = print
 ) -> RunSummary:
     started = time.perf_counter()
+    check_writable_destination(out)
     out = out if "://" in out else os.path.abspath(out)
     checkpoints = [open_checkpoint(m.path) for m in spec.inputs]
     check_not_an_input(out, [c.source.root for c in checkpoints])

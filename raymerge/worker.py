@@ -17,11 +17,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from raymerge.checksum import checksum
 from raymerge.dtypes import itemsize, torch_dtype
 from raymerge.errors import MergeFailed
+from raymerge.lazy import torch
 from raymerge.methods import REGISTRY
 from raymerge.methods.base import CPU_CHUNK, MergeInputs, add_stats, rows_of
 from raymerge.plan import OutputTensor, Piece, Unit

@@ -61,6 +61,8 @@ def test_a_tensor_over_the_budget_is_cut_at_blocks(tmp_path):
         pieces = [p for u in plan.units for p in u.pieces if p.tensor == index]
         assert pieces[0].row_start == 0 and pieces[-1].row_end == tensor.rows
         assert all(p.row_start % tensor.block_rows == 0 for p in pieces)
+    assert [u.index for u in plan.units] == list(range(len(plan.units)))
+    assert len({u.key for u in plan.units}) == len(plan.units)
     assert max(u.memory for u in plan.units) <= (150 << 20) // 3
     assert plan.peak_worker_bytes() <= 150 << 20
 

@@ -12,8 +12,7 @@ summation order; everything else is elementwise fp32.
 
 from __future__ import annotations
 
-import torch
-
+from raymerge.lazy import torch
 from raymerge.methods.base import MergeInputs, MergeMethod, compute_dtype
 
 EPS = 1e-8

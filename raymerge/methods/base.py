@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
+from raymerge.lazy import torch
 
 REQUIRED = object()
 # elements per chunk where CPU work goes chunk by chunk: a chunk's fp32 scratch stays in cache
@@ -178,7 +178,7 @@ class MergeInputs:
         ]
 
 
-MergeFn = Callable[[MergeInputs], torch.Tensor]
+MergeFn = Callable[[MergeInputs], "torch.Tensor"]
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
+from raymerge.lazy import torch
 from raymerge.methods import sparsify, task_arithmetic
 from raymerge.methods.base import MergeInputs, Param
 

@@ -9,8 +9,7 @@ space, exp map back), stopping once the step is shorter than tol.
 
 from __future__ import annotations
 
-import torch
-
+from raymerge.lazy import torch
 from raymerge.methods.base import MergeInputs, MergeMethod, Param, compute_dtype
 from raymerge.methods.spherical import normalize
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
+from raymerge.lazy import torch
 from raymerge.methods.base import MergeInputs, MergeMethod, Param, compute_dtype
 
 

@@ -9,8 +9,7 @@ and are clipped to [-1, 1], and where the denominator is below 1e-6 the base is 
 
 from __future__ import annotations
 
-import torch
-
+from raymerge.lazy import torch
 from raymerge.methods.base import MergeInputs, MergeMethod, Param, compute_dtype
 
 

@@ -6,8 +6,7 @@ farther ones move by t/|base - x| of the gap. t = 0 gives the base.
 
 from __future__ import annotations
 
-import torch
-
+from raymerge.lazy import torch
 from raymerge.methods.base import MergeInputs, MergeMethod, Param, compute_dtype
 
 

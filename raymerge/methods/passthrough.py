@@ -3,8 +3,7 @@ mergekit configs to stack or scale layers without merging anything)."""
 
 from __future__ import annotations
 
-import torch
-
+from raymerge.lazy import torch
 from raymerge.methods.base import MergeInputs, MergeMethod, Param, compute_dtype
 
 

@@ -9,8 +9,7 @@ entries of this tensor that model i changes together with others, or alone.
 
 from __future__ import annotations
 
-import torch
-
+from raymerge.lazy import torch
 from raymerge.methods.base import MergeInputs, MergeMethod, Param
 
 

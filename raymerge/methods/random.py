@@ -15,8 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 
-import torch
-
+from raymerge.lazy import torch
 from raymerge.methods.base import CPU_CHUNK
 
 # elements drawn at a time: cache-sized on CPU, large enough on accelerators to hide launches

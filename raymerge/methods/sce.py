@@ -13,8 +13,7 @@ As mergekit 0.1.5 does it:
 
 from __future__ import annotations
 
-import torch
-
+from raymerge.lazy import torch
 from raymerge.methods import sparsify, task_arithmetic
 from raymerge.methods.base import MergeInputs, MergeMethod, Param
 

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 
+from raymerge.lazy import torch
 from raymerge.methods.base import FactRound, MergeInputs
 from raymerge.methods.sparsify import keep_count, split
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-
+from raymerge.lazy import torch
 from raymerge.methods.base import (
     FactRound,
     MergeInputs,
@@ -20,21 +19,10 @@ from raymerge.methods.base import (
     compute_dtype,
     gather_facts,
 )  # fmt: skip
-from raymerge.methods.spherical import normalize, slerp_coefficients
+from raymerge.methods.spherical import slerp_coefficients
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
-
-
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """slerp of two same-shape tensors of the compute dtype, each taken as one vector."""
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    unit_a, _ = normalize(a, EPS, "keep")
-    unit_b, _ = normalize(b, EPS, "keep")
-    cos = torch.dot(unit_a, unit_b).clamp(-1, 1)
-    del unit_a, unit_b
-    c0, c1 = slerp_coefficients(cos, t, cos.abs() > DOT_THRESHOLD)
-    return (c0 * a + c1 * b).reshape(v0.shape)
 
 
 def _pair(inputs: MergeInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,25 +40,31 @@ def _dots(inputs: MergeInputs, facts: dict) -> dict:
     return {"aa": [float(a @ a)], "bb": [float(b @ b)], "ab": [float(a @ b)], "fp64": wide}
 
 
-def _coefficients(total: dict, facts: dict, inputs: MergeInputs) -> dict:
-    """slerp's weights from the block sums: cos of the angle between the (guarded) unit
-    vectors, as mergekit takes it, then the lerp fallback near colinear."""
-    norm_a, norm_b = math.sqrt(math.fsum(total["aa"])), math.sqrt(math.fsum(total["bb"]))
+def _sums(total: dict, facts: dict, inputs: MergeInputs) -> dict:
+    """The whole tensor's dot products, each summed exactly over blocks (pure Python: this
+    runs on the driver for split tensors)."""
+    return {k: math.fsum(total[k]) for k in ("aa", "bb", "ab")} | {"fp64": total["fp64"] > 0}
+
+
+def _coefficients(facts: dict, t: float) -> tuple[float, float]:
+    """slerp's weights: cos of the angle between the (guarded) unit vectors, as mergekit
+    takes it, then the lerp fallback near colinear."""
+    norm_a, norm_b = math.sqrt(facts["aa"]), math.sqrt(facts["bb"])
     divisor = (norm_a if norm_a > EPS else 1.0) * (norm_b if norm_b > EPS else 1.0)
-    dtype = torch.float64 if total["fp64"] else torch.float32
-    cos = torch.tensor(math.fsum(total["ab"]) / divisor, dtype=dtype).clamp(-1, 1)
-    c0, c1 = slerp_coefficients(cos, inputs.shared["t"], cos.abs() > DOT_THRESHOLD)
-    return {"c0": float(c0), "c1": float(c1)}
+    dtype = torch.float64 if facts["fp64"] else torch.float32
+    cos = torch.tensor(facts["ab"] / divisor, dtype=dtype).clamp(-1, 1)
+    c0, c1 = slerp_coefficients(cos, t, cos.abs() > DOT_THRESHOLD)
+    return float(c0), float(c1)
 
 
-ROUNDS = (FactRound(_dots, _coefficients),)
+ROUNDS = (FactRound(_dots, _sums),)
 
 
 def merge(inputs: MergeInputs) -> torch.Tensor:
     facts = inputs.facts if inputs.facts is not None else gather_facts(ROUNDS, inputs)
+    c0, c1 = _coefficients(facts, inputs.shared["t"])
     a, b = _pair(inputs)
-    shape = inputs.tensors[0].shape
-    return (a * facts["c0"] + b * facts["c1"]).reshape(shape)
+    return (a * c0 + b * c1).reshape(inputs.tensors[0].shape)
 
 
 METHODS = (

@@ -8,8 +8,8 @@ name, model position), so they are the same on any worker and any device.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from raymerge.lazy import torch
 from raymerge.methods import random as rng
 
 RADIX_CHUNK = 1 << 22  # elements per histogram step: 16 MB of int32 temporaries

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
+from raymerge.lazy import torch
 
 # keep: divide only where norm > eps, else leave x as is (a zero tensor stays zero)
 # clamp: divide by max(norm, eps)

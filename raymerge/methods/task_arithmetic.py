@@ -12,8 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from raymerge.lazy import torch
 from raymerge.methods.base import (
     CPU_CHUNK,
     FactRound,
@@ -29,7 +28,7 @@ from raymerge.methods.base import (
 # -> the trimmed delta (may be `delta` itself), or the boolean mask of the entries kept
 # (None: all), which saves two passes over the tensor. A trim may overwrite `delta`; one
 # that returns a mask must leave at least |delta| there (for the L1 rescale).
-TrimFn = Callable[[torch.Tensor, dict[str, Any], MergeInputs, int], torch.Tensor | None]
+TrimFn = Callable[["torch.Tensor", dict[str, Any], MergeInputs, int], "torch.Tensor | None"]
 L1_EPS = 1e-7
 
 

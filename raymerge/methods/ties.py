@@ -12,8 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
-
+from raymerge.lazy import torch
 from raymerge.methods import selection, task_arithmetic
 from raymerge.methods.base import FactRound, MergeInputs, Param
 

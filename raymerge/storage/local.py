@@ -11,6 +11,12 @@ from raymerge.errors import CheckpointError, MergeFailed
 PARTIAL_SUFFIX = ".partial"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class LocalSource:
     """Reads files under a folder (or a single file's folder)."""
 
@@ -124,6 +130,7 @@ class LocalDestination:
         self._folder_for(path)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".raymerge-", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 if self.fsync:
