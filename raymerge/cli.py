@@ -325,5 +325,24 @@ def synth(
         click.echo(f"{role}: {path}")
 
 
+def entry() -> None:
+    """The console script: run the command, flush, and leave at once. A local Ray started
+    for the run ends with this process (its processes are tied to the driver), so the
+    shutdown costs nothing on the way out; os._exit also skips interpreter teardown, where
+    Arrow's thread pools can abort (apache/arrow#34314)."""
+    from raymerge import ray_cluster
+
+    ray_cluster.exit_after = True
+    code: int = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

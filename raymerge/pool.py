@@ -111,6 +111,8 @@ class WorkerPool:
         self.restarts = 0
         for _ in range(count):
             self._start()
+        while not self.actors:  # the first ready actor ends the start-up phase
+            self._admit(timeout=0.5)
 
     def _start(self) -> None:
         actor = self.actor_class.remote(self.context_ref, self.threads)
@@ -183,7 +185,7 @@ class WorkerPool:
                 continue
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
             if not ready:
-                self._expire(in_flight, load, queue, attempts, avoid)
+                retries += self._expire(in_flight, load, queue, attempts, avoid)
                 continue
             ref = ready[0]
             actor_id, item, _ = in_flight.pop(ref)
@@ -209,9 +211,10 @@ class WorkerPool:
             return self.options.deadline_s
         return MIN_DEADLINE_S + getattr(item, "input_bytes", item.nbytes) / DEADLINE_BYTES_PER_S
 
-    def _expire(self, in_flight, load, queue, attempts, avoid) -> None:
-        """Items past their deadline: their actor is taken to hang and is replaced."""
-        now = time.monotonic()
+    def _expire(self, in_flight, load, queue, attempts, avoid) -> int:
+        """Items past their deadline: their actor is taken to hang and is replaced, the item
+        retried; returns how many were."""
+        now, expired = time.monotonic(), 0
         for actor_id, item, deadline in list(in_flight.values()):
             if now > deadline and actor_id in self.actors:
                 for other, (other_actor, other_item, _) in list(in_flight.items()):
@@ -221,7 +224,8 @@ class WorkerPool:
                         if other_item is not item:
                             heapq.heappush(queue, (-other_item.nbytes, other_item.key, other_item))
                 self._replace(actor_id)
-                self._retry(item, "deadline passed", actor_id, queue, attempts, avoid)
+                expired += self._retry(item, "deadline passed", actor_id, queue, attempts, avoid)
+        return expired
 
     def _retry(self, item, failure: str, actor_id: int, queue, attempts, avoid) -> int:
         attempts[item.key] = attempts.get(item.key, 0) + 1

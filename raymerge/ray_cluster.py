@@ -24,6 +24,9 @@ LOCAL_ENV = {
 CONNECT_TIMEOUT_S = 5.0  # for the probe of --address; Ray itself retries forever
 # the client's HTTP/2 connection preface and an empty SETTINGS frame (gRPC speaks HTTP/2)
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+# Set by the `raymerge` console script, which leaves with os._exit once its output is
+# written: a Ray it started then ends with the process, not with a ~1.3 s graceful shutdown.
+exit_after = False
 _ADDRESS = re.compile(r"^(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})$")
 
 
@@ -60,7 +63,8 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
     try:
         yield
     finally:
-        ray.shutdown()
+        if not exit_after:
+            ray.shutdown()
 
 
 def check_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:

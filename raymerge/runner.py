@@ -45,11 +45,13 @@ class RunOptions:
     runtime_env: dict | None = None
     fsync: bool = False
     worker_memory: int | None = None  # None: default_worker_memory(workers)
+    item_deadline_s: float | None = None  # None: from each unit's size (pool.py)
 
     def pool(self, plan: Plan) -> PoolOptions:
         return PoolOptions(
             self.workers, self.cpus_per_worker, self.gpus_per_worker, self.max_attempts,
             self.runtime_env, memory_per_worker=plan.peak_worker_bytes() or None,
+            deadline_s=self.item_deadline_s,
         )  # fmt: skip
 
 
@@ -107,8 +109,8 @@ def run_merge(
     check_not_an_input(out, [c.source.root for c in checkpoints])
     memory = options.worker_memory or default_worker_memory(options.workers)
     plan = make_plan(spec, checkpoints, memory)
+    startup = time.perf_counter()
     with ray_session(options.address, _local_cpus(options)):  # before anything is written
-        startup = time.perf_counter()
         destination = open_destination(out, options.fsync)
         owned = [*(s.name for s in plan.shards), HF_INDEX, TENSOR_INDEX, COMPLETE, *SIDE_FILES]
         ledger = Ledger(destination, plan, owned)
@@ -136,7 +138,7 @@ def _merge(plan, out, shards, ledger, pending, options, summary, log) -> None:
         tuple(s.header for s in plan.shards), shards.tokens, plan.tensors,
         "cuda" if options.gpus_per_worker > 0 else "cpu",
     )  # fmt: skip
-    pool = WorkerPool(context, options.pool(plan), len(pending))
+    pool = WorkerPool(context, options.pool(plan), len(pending))  # returns once one is up
     try:
         merge_started = time.perf_counter()
         facts = stages.prepare(pool, plan, REGISTRY[plan.method], ledger, log)

@@ -9,6 +9,8 @@ Tensors never leave the worker: it returns checksums, statistics and timings.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import threading
 import time
@@ -94,18 +96,18 @@ class UnitRunner:
         """Merge `unit` (facts: per split tensor, what its prepare stage found) and write it."""
         with self._slot() as slot:
             result = UnitResult(unit.key, unit.index, [])
-            started = time.perf_counter()
-            with self._fetching:
+            with self._fetching:  # each stage's time is counted once it holds its lock
+                started = time.perf_counter()
                 inputs = [self._read_piece(slot, n, p, result) for n, p in enumerate(unit.pieces)]
-            merged = time.perf_counter()
-            result.seconds_read = merged - started
+                result.seconds_read = time.perf_counter() - started
             out = slot.buffer("out", unit.nbytes)
             with self._merging:
+                started = time.perf_counter()
                 self._fill(unit, out, inputs, facts or {}, result)
+                result.seconds_merge = time.perf_counter() - started
             del inputs
-            written = time.perf_counter()
-            result.seconds_merge = written - merged
             with self._writing:
+                started = time.perf_counter()
                 result.receipt = self.destination.write_part(
                     self.context.shard_names[unit.shard],
                     self.context.shard_tokens[unit.shard],
@@ -113,8 +115,8 @@ class UnitRunner:
                     unit.start,
                     out.numpy(),
                 )
+                result.seconds_write = time.perf_counter() - started
             result.bytes_written = unit.nbytes
-            result.seconds_write = time.perf_counter() - written
             return result
 
     def statistic(self, unit: Unit, request: dict[str, Any]) -> dict[int, dict]:
@@ -207,21 +209,27 @@ class UnitRunner:
         rows = piece.row_end - piece.row_start
         shape = (rows, *tensor.shape[1:]) if tensor.shape else ()
         chunked = self.method.elementwise and self.method.rounds is None and self.chunk
-        if chunked:
+        if chunked:  # each chunk as a flat piece of the flat tensor, at its own offset
             flat = [x.reshape(-1) for x in tensors]
+            first = piece.row_start * tensor.row_elements
             for lo in range(0, target.numel(), self.chunk):
                 hi = min(lo + self.chunk, target.numel())
-                merged = self._merge(tensor, piece, [x[lo:hi] for x in flat], facts, (hi - lo,))
+                chunk = [x[lo:hi] for x in flat]
+                merged = self._merge(tensor, piece, chunk, facts, (hi - lo,), first + lo)
                 target[lo:hi].copy_(merged)
         else:
             target.copy_(self._merge(tensor, piece, tensors, facts, shape).reshape(-1))
         if target.data_ptr() != out.data_ptr():  # a misaligned tensor was merged into scratch
             out.copy_(target.view(torch.uint8))
 
-    def _merge(self, tensor, piece, tensors, facts, expected) -> torch.Tensor:
+    def _merge(self, tensor, piece, tensors, facts, expected, flat_start=None) -> torch.Tensor:
         if not piece.whole and facts is None and self.method.fact_rounds(tensor.shared):
             raise MergeFailed(f"{tensor.name!r} is split but its prepare stage gave no facts")
-        merged = self.method.merge(self._inputs(tensor, piece, tensors, facts))
+        inputs = self._inputs(tensor, piece, tensors, facts)
+        if flat_start is not None:  # a flat chunk: rows are elements of the flat tensor
+            inputs = dataclasses.replace(inputs, shape=(math.prod(tensor.shape),),
+                                         row_start=flat_start)  # fmt: skip
+        merged = self.method.merge(inputs)
         if tuple(merged.shape) != tuple(expected):
             raise MergeFailed(
                 f"{self.context.method} returned shape {list(merged.shape)} for {tensor.name!r}, "

@@ -21,13 +21,13 @@ from raymerge.methods.base import (
     MergeMethod,
     Param,
     compute_dtype,
-    gather_facts,
 )  # fmt: skip
 
 # apply(delta, this model's parameters, inputs, the model's position among the inputs)
-# -> the trimmed delta (may be `delta` itself), or the boolean mask of the entries kept
-# (None: all), which saves two passes over the tensor. A trim may overwrite `delta`; one
-# that returns a mask must leave at least |delta| there (for the L1 rescale).
+# -> the trimmed delta, or the boolean mask of the entries kept (None: all), which saves
+# two passes over the tensor. A trim never writes into `delta`. With `inputs.facts` None
+# the rows held are the whole tensor (a trim may select over them directly); otherwise the
+# trim's rounds have gathered what it needs of the whole tensor into the facts.
 TrimFn = Callable[["torch.Tensor", dict[str, Any], MergeInputs, int], "torch.Tensor | None"]
 L1_EPS = 1e-7
 
@@ -35,7 +35,7 @@ L1_EPS = 1e-7
 @dataclass(frozen=True)
 class Trim:
     """How one family member trims a task vector: what one call needs to see (`locality`)
-    and the fact rounds that select entries over the whole tensor (or model) first."""
+    and the fact rounds that select entries over a split tensor (or a model) first."""
 
     apply: TrimFn
     locality: Locality
@@ -48,10 +48,6 @@ def merge(inputs: MergeInputs, trim: Trim | None, elect_sign: bool) -> torch.Ten
     others = inputs.others()
     if not others:
         return base.to(dtype)
-    facts = inputs.facts
-    if facts is None and trim is not None:
-        facts = gather_facts(family_rounds(trim, inputs.shared), inputs)
-        inputs = dataclasses.replace(inputs, facts=facts)
     # one model at a time: what its trim keeps, and its rescale factor
     masks, factors = [], []
     for position, tensor, params in others:
@@ -60,16 +56,47 @@ def merge(inputs: MergeInputs, trim: Trim | None, elect_sign: bool) -> torch.Ten
             delta = tensor.to(dtype, copy=True).sub_(base)  # mixed dtypes: no fp32 base copy
             kept = trim.apply(delta, params, inputs, position)
             mask = kept if kept is None or kept.dtype == torch.bool else kept != 0
-            factor = facts.get(f"rescale {inputs.name}|{position}")
+            if inputs.shared.get("rescale"):
+                factor = _factor(inputs, delta, kept, f"{inputs.name}|{position}")
             del delta, kept
         masks.append(mask)
         factors.append(factor)
     return _combine(inputs, others, masks, factors, elect_sign, dtype)
 
 
+def _factor(inputs: MergeInputs, delta, kept, group: str) -> float | None:
+    """The L1 rescale factor: gathered by the rescale round for a split tensor, computed
+    here from the same per-block sums for a whole one (so both give the same bits)."""
+    if inputs.facts is not None:
+        return inputs.facts[f"rescale {group}"]
+    before, after = [], []
+    for _, lo, hi in inputs.blocks():
+        b, a = _block_l1(delta[lo:hi], None if kept is None else kept[lo:hi])
+        before.append(b)
+        after.append(a)
+    return _ratio(before, after)
+
+
+def _block_l1(delta, kept) -> tuple[float, float]:
+    """sum |delta| and sum |trimmed delta| over one block, in float64."""
+    before = float(delta.abs().sum(dtype=torch.float64))
+    if kept is None:
+        return before, before
+    if kept.dtype == torch.bool:
+        return before, float((delta.abs() * kept).sum(dtype=torch.float64))
+    return before, float(kept.abs().sum(dtype=torch.float64))
+
+
+def _ratio(before: list[float], after: list[float]) -> float | None:
+    total_before, total_after = math.fsum(before), math.fsum(after)
+    if total_before < L1_EPS or total_after < L1_EPS:
+        return None
+    return total_before / total_after
+
+
 def family_rounds(trim: Trim, shared: dict[str, Any]) -> tuple[FactRound, ...]:
-    """The trim's selection rounds, then (with `rescale`) one round for the L1 norms of each
-    task vector before and after trimming, summed over blocks with math.fsum."""
+    """For a split tensor: the trim's selection rounds, then (with `rescale`) one round for
+    the L1 norms of each task vector before and after trimming."""
     rounds = trim.rounds(shared) if trim.rounds is not None else ()
     if shared.get("rescale"):
         rounds += (FactRound(_l1_block(trim), _l1_reduce),)
@@ -78,19 +105,12 @@ def family_rounds(trim: Trim, shared: dict[str, Any]) -> tuple[FactRound, ...]:
 
 def _l1_block(trim: Trim):
     def block(inputs: MergeInputs, facts: dict) -> dict:
-        inputs = _with_facts(inputs, facts)
+        inputs = dataclasses.replace(inputs, facts=facts)
         dtype = compute_dtype(inputs.base)
         stats: dict = {}
         for position, tensor, params in inputs.others():
             delta = tensor.to(dtype, copy=True).sub_(inputs.base)
-            before = float(delta.abs().sum(dtype=torch.float64))
-            kept = trim.apply(delta, params, inputs, position)
-            if kept is None:
-                after = before
-            elif kept.dtype == torch.bool:  # `delta` holds at least |delta| now
-                after = float((delta.abs() * kept).sum(dtype=torch.float64))
-            else:
-                after = float(kept.abs().sum(dtype=torch.float64))
+            before, after = _block_l1(delta, trim.apply(delta, params, inputs, position))
             stats[f"l1 {inputs.name}|{position}"] = [before]
             stats[f"kept {inputs.name}|{position}"] = [after]
         return stats
@@ -98,18 +118,12 @@ def _l1_block(trim: Trim):
     return block
 
 
-def _with_facts(inputs: MergeInputs, facts: dict) -> MergeInputs:
-    return dataclasses.replace(inputs, facts=facts)
-
-
 def _l1_reduce(total: dict, facts: dict, inputs: MergeInputs) -> dict:
     facts = dict(facts)
     for key, values in total.items():
         if key.startswith("l1 "):
             group = key[3:]
-            before, after = math.fsum(values), math.fsum(total[f"kept {group}"])
-            ok = before >= L1_EPS and after >= L1_EPS
-            facts[f"rescale {group}"] = before / after if ok else None
+            facts[f"rescale {group}"] = _ratio(values, total[f"kept {group}"])
     return facts
 
 

@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any
 
 from raymerge.lazy import torch
-from raymerge.methods import selection, task_arithmetic
+from raymerge.methods import selection, sparsify, task_arithmetic
 from raymerge.methods.base import FactRound, MergeInputs, Param
 
 
@@ -30,6 +30,10 @@ def magnitude_trim(
     or the model's whole task vector), as found by the selection rounds."""
     if params["density"] >= 1:
         return None
+    if inputs.facts is None:  # the whole tensor is here: select over it at once
+        magnitude = delta.float().abs().reshape(-1)  # fp32 magnitudes, as the rounds see them
+        k = sparsify.keep_count(params["density"], magnitude.numel())
+        return sparsify.top_k_mask(magnitude, k, non_negative=True).reshape(delta.shape)
     group = _group_of(inputs.shared)(inputs, position)
     return selection.keep_mask(delta, inputs.facts[group], inputs)
 

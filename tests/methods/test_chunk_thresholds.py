@@ -601,19 +601,10 @@ def test_family_matches_reference_and_unchunked_across_chunks(method, unchunked)
     assert same_bits(got, whole)
 
 
-# Found by these tests: breadcrumbs' trim needs the whole tensor, but the rescale round
-# (task_arithmetic.family_rounds -> _l1_block) applies it to each fact block of rows alone,
-# so past BLOCK_ELEMENTS elements the L1 after trimming, and so the factor, are wrong.
-BREADCRUMBS_RESCALE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="breadcrumbs rescale sums the L1 of the trim applied to each fact block of rows "
-    "(BLOCK_ELEMENTS) alone, not of the whole-tensor trim: the factor is 1.6% low here",
-)
-RESCALED = [
-    pytest.param(m, marks=[BREADCRUMBS_RESCALE_BUG] if m.startswith("breadcrumbs") else [])
-    for m in FAMILY
-    if m != "task_arithmetic"
-]
+# Found by these tests: breadcrumbs' trim needs the whole tensor, and the rescale round once
+# applied it to each fact block of rows alone (the factor came out 1.6% low here); a whole
+# tensor's factor now comes from its whole-tensor trim, summed over blocks.
+RESCALED = [m for m in FAMILY if m != "task_arithmetic"]
 
 
 @pytest.mark.parametrize("method", RESCALED)
