@@ -113,6 +113,38 @@ def floor_seconds(files: list[str], output_bytes: int, scratch: str) -> tuple[fl
     return read, write
 
 
+def floor_two_threads(files: list[str], output_bytes: int, scratch: str) -> float:
+    """Seconds for two threads that each read half the inputs, then write half the output
+    (positional writes into one preallocated file): the floor a two-worker run can reach."""
+    path = os.path.join(scratch, "floor2.bin")
+    with open(path, "wb") as f:
+        f.truncate(output_bytes)
+    halves = [files[0::2], files[1::2]]
+    half = output_bytes // 2
+
+    def work(index: int) -> None:
+        view = memoryview(bytearray(64 << 20))
+        for name in halves[index]:
+            with open(name, "rb", buffering=0) as f:
+                while f.readinto(view):
+                    pass
+        fd = os.open(path, os.O_WRONLY)
+        start, end = index * half, output_bytes if index else half
+        while start < end:
+            start += os.pwrite(fd, view[: min(end - start, len(view))], start)
+        os.close(fd)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    os.remove(path)
+    return elapsed
+
+
 class PeakMemory:
     """Largest resident set of any process in a subprocess tree, sampled every 0.1 s."""
 
@@ -232,6 +264,7 @@ def main() -> None:
             warm(files)
             row = {"floor_read": 0.0, "floor_write": 0.0}
             row["floor_read"], row["floor_write"] = floor_seconds(files, output_bytes, scratch)
+            row["floor_2"] = floor_two_threads(files, output_bytes, scratch)
             for workers in args.workers:
                 out = os.path.join(scratch, f"raymerge-{method}")
                 row[f"raymerge_{workers}"] = run_raymerge(
@@ -258,9 +291,14 @@ def report(results: dict, args) -> str:
         read = median([r["floor_read"] for r in runs])
         mk = median([r["mergekit"]["total"] for r in runs]) if args.vs_mergekit else None
         gb = rows["input_bytes"] / 1e9
+        floor2 = median([r["floor_2"] for r in runs])
         lines.append(
             f"| {method} | I/O floor: read {gb:.2f} GB ({read:.2f} s) + write "
-            f"{rows['output_bytes'] / 1e9:.2f} GB | {floor:.2f} | 1.00 | |"
+            f"{rows['output_bytes'] / 1e9:.2f} GB, one thread | {floor:.2f} | 1.00 | |"
+        )
+        lines.append(
+            f"| {method} | I/O floor, two threads (each reads half, writes half) | "
+            f"{floor2:.2f} | {floor2 / floor:.2f} | |"
         )
         for workers in args.workers:
             key = f"raymerge_{workers}"
@@ -274,7 +312,12 @@ def report(results: dict, args) -> str:
             )
             lines.append(
                 f"| {method} | raymerge {workers} worker(s), merge phase | {merge:.2f} | "
-                f"{merge / floor:.2f} | |"
+                f"{merge / floor:.2f} ({merge / floor2:.2f} of the two-thread floor) | |"
+            )
+            fixed = median([r[key]["total"] - r[key]["merge"] for r in runs])
+            lines.append(
+                f"| {method} | raymerge {workers} worker(s), fixed cost (all but merging) | "
+                f"{fixed:.2f} | | |"
             )
         if mk:
             lines.append(

@@ -71,8 +71,7 @@ class _Slot:
     def buffer(self, key: object, nbytes: int) -> torch.Tensor:
         buffer = self.buffers.get(key)
         if buffer is None or buffer.numel() < nbytes:
-            pin = self.pin and key != "out"
-            buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
+            buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)
             self.buffers[key] = buffer
         return buffer[:nbytes]
 
@@ -87,7 +86,11 @@ class UnitRunner:
         self.device = torch.device(context.device)
         self.method = REGISTRY[context.method]
         self.chunk = CPU_CHUNK if self.device.type == "cpu" else None
-        self._slots = [_Slot(self.device.type == "cuda") for _ in range(PIPELINE_DEPTH)]
+        cuda = self.device.type == "cuda"
+        self._slots = [_Slot(cuda) for _ in range(PIPELINE_DEPTH)]
+        # host-to-device copies run on their own stream, so the next unit's copy overlaps
+        # this unit's kernels; the merge stage waits for its own copies' event
+        self._copies = torch.cuda.Stream(self.device) if cuda else None
         self._free = threading.Semaphore(PIPELINE_DEPTH)
         self._slot_lock = threading.Lock()
         self._fetching, self._merging, self._writing = (threading.Lock() for _ in range(3))
@@ -103,6 +106,7 @@ class UnitRunner:
             out = slot.buffer("out", unit.nbytes)
             with self._merging:
                 started = time.perf_counter()
+                self._arrived(inputs)
                 self._fill(unit, out, inputs, facts or {}, result)
                 result.seconds_merge = time.perf_counter() - started
             del inputs
@@ -137,6 +141,7 @@ class UnitRunner:
                 inputs = self._inputs(tensor, piece, tensors, facts)
                 total: dict = {}
                 with self._merging:
+                    self._arrived([tensors])
                     for _, lo, hi in inputs.blocks():
                         add_stats(total, fact_round.block(inputs.rows(lo, hi), facts))
                 stats[piece.tensor] = total
@@ -169,7 +174,7 @@ class UnitRunner:
                 self.sources[source.input].readinto(source.file, start, memoryview(raw.numpy()))
             result.bytes_read += raw.numel()
             typed = raw.view(torch_dtype(source.dtype))
-            tensors.append(typed.to(self.device, non_blocking=True))
+            tensors.append(self._to_device(typed))
         for position, source in enumerate(tensor.sources):
             if source.pad_from is not None:  # fewer vocab rows: the base's rows fill the rest
                 full = rows * row_elements
@@ -177,6 +182,23 @@ class UnitRunner:
                 tensors[position] = torch.cat([tensors[position], rest.to(tensors[position].dtype)])
         shape = (rows, *tensor.shape[1:]) if tensor.shape else ()
         return [t.reshape(shape) for t in tensors]
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        if self._copies is None:
+            return host
+        with torch.cuda.stream(self._copies):
+            return host.to(self.device, non_blocking=True)
+
+    def _arrived(self, inputs: list[list]) -> None:
+        """On a GPU: make the compute stream wait for these inputs' copies (and keep their
+        memory from being reused before it is done with them)."""
+        if self._copies is None:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self._copies)
+        for tensors in inputs:
+            for tensor in tensors:
+                tensor.record_stream(compute)
 
     def _inputs(self, tensor: OutputTensor, piece: Piece, tensors: list, facts) -> MergeInputs:
         return MergeInputs(
