@@ -32,6 +32,7 @@ from raymerge.dtypes import FLOAT_DTYPES, itemsize
 from raymerge.errors import ConfigError
 from raymerge.mapping import TensorJob, map_tensors, output_shape
 from raymerge.methods import REGISTRY
+from raymerge.methods.base import block_rows, rows_of
 from raymerge.safetensors_format import TensorEntry, build_header
 from raymerge.sizes import human
 from raymerge.spec import MergeSpec
@@ -39,8 +40,6 @@ from raymerge.spec import MergeSpec
 # bytes of fp32 scratch per element and input that a method may hold at once, on top of one
 # fp32 copy per input
 SCRATCH_FP32_PER_INPUT = 4
-# reductions over a tensor run over blocks of about this many elements (whole rows)
-BLOCK_ELEMENTS = 1 << 20
 # tensors larger than this are cut across write parts at block boundaries (an S3 part may
 # hold at most 5 GiB, and a part's bytes are produced together)
 WHOLE_TENSOR_LIMIT = 1 << 30
@@ -90,7 +89,7 @@ class OutputTensor:
 
     @property
     def block_rows(self) -> int:
-        return max(1, BLOCK_ELEMENTS // max(1, self.row_elements))
+        return block_rows(self.shape)
 
     def bytes_per_row(self) -> tuple[int, int]:
         """(input bytes, fp32 scratch + output bytes) that merging one row takes."""
@@ -100,16 +99,6 @@ class OutputTensor:
             return inputs, itemsize(self.dtype) * row
         scratch = 4 * row * (len(self.sources) + SCRATCH_FP32_PER_INPUT)
         return inputs, scratch + itemsize(self.dtype) * row
-
-
-def rows_of(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(rows, elements per row): rows are the first dimension; a vector's rows are its
-    elements, a scalar is one row."""
-    if len(shape) == 0:
-        return 1, 1
-    if len(shape) == 1:
-        return shape[0], 1
-    return shape[0], math.prod(shape[1:])
 
 
 @dataclass(frozen=True)
