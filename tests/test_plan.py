@@ -67,18 +67,24 @@ def test_a_tensor_over_the_budget_is_cut_at_blocks(tmp_path):
     assert plan.peak_worker_bytes() <= 150 << 20
 
 
-def test_a_method_that_cannot_split_refuses_a_tensor_over_the_budget(tmp_path):
+def test_a_method_that_cannot_split_refuses_a_tensor_over_the_budget(tmp_path, monkeypatch):
+    import dataclasses
+
+    from raymerge.methods import REGISTRY
     from raymerge.synth import SynthOptions, synthesize
 
+    whole_only = dataclasses.replace(REGISTRY["linear"], locality="tensor", rounds=None)
+    monkeypatch.setitem(REGISTRY, "linear", whole_only)  # a kernel that needs whole tensors
     models = synthesize(str(tmp_path / "m"), SynthOptions(
-        models=3, with_base=True, layers=1, hidden=64, intermediate=96, vocab=40_000, seed=3,
+        models=2, with_base=False, layers=1, hidden=64, intermediate=96, vocab=40_000, seed=3,
     ))  # fmt: skip
-    body = ties_config(models)
-    body["merge_method"] = "breadcrumbs"
+    body = {"merge_method": "linear", "dtype": "bfloat16", "models": [
+        {"model": models[f"model_{i}"], "parameters": {"weight": 1.0}} for i in (1, 2)]}
     spec = parse_spec(body, "c", str(tmp_path))
     checkpoints = [open_checkpoint(m.path) for m in spec.inputs]
     with pytest.raises(ConfigError, match=r"'lm_head.weight' \[40000, 64\] needs .* cannot split"):
         make_plan(spec, checkpoints, worker_memory=150 << 20)
+    make_plan(spec, checkpoints, worker_memory=1 << 30)  # fits whole: fine
 
 
 def test_plan_is_deterministic_and_names_sorted(models, tmp_path):
