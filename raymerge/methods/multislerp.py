@@ -6,51 +6,100 @@ space at m, average there and map back with the exponential map, then scale by
 sum(w_i |x_i|). The tangent step is an identity: the weighted sum of the tangent vectors is
 M - (M.m) m = 0 for M = sum(w_i u_i), m = M/|M| (mergekit's exp map at |0| + eps is
 m up to fp32 rounding), so it is left out here. Each tensor is one vector.
+
+Two fact rounds give the whole-tensor norms, each summed over blocks in fp64 and exactly
+across them: first |x_i|, then |M| of M computed element by element as the merge computes
+it, so the result has the mean norm even where the unit vectors nearly cancel.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from raymerge.lazy import torch
-from raymerge.methods.base import MergeInputs, MergeMethod, Param, compute_dtype
-from raymerge.methods.spherical import non_base_weights, normalize
+from raymerge.methods.base import (
+    FactRound,
+    MergeInputs,
+    MergeMethod,
+    Param,
+    compute_dtype,
+    gather_facts,
+)  # fmt: skip
+from raymerge.methods.spherical import dots, fsum, non_base_weights, row_chunks
 
 
-def multislerp(
-    tensors: list[torch.Tensor], weights: list[float], normalize_weights: bool, eps: float
-) -> torch.Tensor:
-    """Merge same-shape tensors of the compute dtype; one tensor is returned as it is."""
-    if len(tensors) == 1:
-        return tensors[0]
-    if normalize_weights:
+def _vectors(inputs: MergeInputs) -> tuple[list[torch.Tensor], list[float], torch.Tensor | None]:
+    """The (task) vectors in the compute dtype, their weights (normalized if asked), the base."""
+    others = inputs.others()
+    dtype = compute_dtype(others[0][1])
+    base = None if inputs.base is None else inputs.base.to(dtype)
+    vectors = [x.to(dtype) if base is None else x.to(dtype) - base for _, x, _ in others]
+    weights = [p["weight"] for _, _, p in others]
+    if inputs.shared["normalize_weights"]:
         total = sum(weights)
         weights = [w / total for w in weights]
-    mean = torch.zeros_like(tensors[0])
-    scale = 0.0
-    for x, w in zip(tensors, weights):
-        unit, norm = normalize(x, eps, "shift")
-        mean.add_(unit.mul_(w))
-        scale = scale + w * norm
-    mean_norm = torch.linalg.vector_norm(mean)
-    if mean_norm.item() < eps:
-        # the unit vectors cancel (a and -a at equal weights, all x_i = 0): the weighted
-        # sum, as mergekit for two inputs (for three or more mergekit raises ValueError)
-        return sum(w * x for x, w in zip(tensors, weights))
-    return mean.mul_(scale / mean_norm)
+    return vectors, weights, base
+
+
+def _direction(vectors: list[torch.Tensor], weights: list[float], norms: list[float],
+               eps: float) -> torch.Tensor:  # fmt: skip
+    """M = sum(w_i x_i / (|x_i| + eps)), the norms rounded to the compute dtype first."""
+    mean = torch.zeros_like(vectors[0])
+    for x, w, norm in zip(vectors, weights, norms):
+        divisor = torch.tensor(norm, dtype=x.dtype, device=x.device) + eps
+        mean.add_((x / divisor).mul_(w))
+    return mean
+
+
+def _squares(inputs: MergeInputs, facts: dict) -> dict:
+    count = len(inputs.others())
+    if count < 2:
+        return {}
+    parts = (_vectors(part)[0] for part in row_chunks(inputs))
+    return {"squares": [dots(parts, [(i, i) for i in range(count)])]}
+
+
+def _norms(total: dict, facts: dict, inputs: MergeInputs) -> dict:
+    if "squares" not in total:
+        return {}
+    return {"norms": [math.sqrt(fsum(column)) for column in zip(*total["squares"])]}
+
+
+def _mean_square(inputs: MergeInputs, facts: dict) -> dict:
+    def mean(part: MergeInputs) -> list[torch.Tensor]:
+        vectors, weights, _ = _vectors(part)
+        return [_direction(vectors, weights, facts["norms"], inputs.shared["eps"])]
+
+    return {"mean": dots(map(mean, row_chunks(inputs)), [(0, 0)])}
+
+
+def _mean_norm(total: dict, facts: dict, inputs: MergeInputs) -> dict:
+    return facts | {"mean_norm": math.sqrt(fsum(total["mean"]))}
+
+
+ROUNDS = (
+    FactRound(_squares, _norms),
+    FactRound(_mean_square, _mean_norm, needed=lambda facts: "norms" in facts),
+)
 
 
 def merge(inputs: MergeInputs) -> torch.Tensor:
     others = inputs.others()
     if not others:
         raise ValueError("multislerp needs at least one model besides the base")
-    dtype = compute_dtype(others[0][1])
     if len(others) == 1:
-        return others[0][1].to(dtype)  # as mergekit: the model itself, base or not
-    base = None if inputs.base is None else inputs.base.to(dtype)
-    tensors = [x.to(dtype) if base is None else x.to(dtype) - base for _, x, _ in others]
-    weights = [p["weight"] for _, _, p in others]
-    result = multislerp(tensors, weights, inputs.shared["normalize_weights"], inputs.shared["eps"])
+        return others[0][1].to(compute_dtype(others[0][1]))  # as mergekit: the model itself
+    facts = inputs.facts if inputs.facts is not None else gather_facts(ROUNDS, inputs)
+    vectors, weights, base = _vectors(inputs)
+    eps, mean_norm = inputs.shared["eps"], facts["mean_norm"]
+    if mean_norm < eps or mean_norm == 0:
+        # the unit vectors cancel (a and -a at equal weights, all x_i = 0): the weighted
+        # sum, as mergekit for two inputs (for three or more mergekit raises ValueError)
+        result = sum(w * x for x, w in zip(vectors, weights))
+    else:
+        scale = fsum(w * norm for w, norm in zip(weights, facts["norms"]))
+        result = _direction(vectors, weights, facts["norms"], eps).mul_(scale / mean_norm)
     return result if base is None else result.add_(base)
 
 
@@ -85,5 +134,7 @@ METHODS = (
         min_inputs=1,
         summary="weighted mean direction on the hypersphere times the weighted mean norm",
         check=check,
+        locality="tensor",
+        rounds=lambda shared: ROUNDS,
     ),
 )

@@ -19,7 +19,7 @@ from raymerge.methods.base import (
     compute_dtype,
     gather_facts,
 )  # fmt: skip
-from raymerge.methods.spherical import slerp_coefficients
+from raymerge.methods.spherical import dots, fsum, row_chunks, slerp_coefficients
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -34,16 +34,16 @@ def _pair(inputs: MergeInputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _dots(inputs: MergeInputs, facts: dict) -> dict:
-    a, b = _pair(inputs)
-    wide = int(a.dtype == torch.float64)  # blocks: how many computed in fp64
-    a, b = a.double(), b.double()
-    return {"aa": [float(a @ a)], "bb": [float(b @ b)], "ab": [float(a @ b)], "fp64": wide}
+    wide = int(compute_dtype(inputs.base) == torch.float64)  # blocks computed in fp64
+    chunks = ([p[0].reshape(-1), p[1].reshape(-1)] for p in map(_pair, row_chunks(inputs)))
+    aa, bb, ab = dots(chunks, [(0, 0), (1, 1), (0, 1)])
+    return {"aa": [aa], "bb": [bb], "ab": [ab], "fp64": wide}
 
 
 def _sums(total: dict, facts: dict, inputs: MergeInputs) -> dict:
     """The whole tensor's dot products, each summed exactly over blocks (pure Python: this
     runs on the driver for split tensors)."""
-    return {k: math.fsum(total[k]) for k in ("aa", "bb", "ab")} | {"fp64": total["fp64"] > 0}
+    return {k: fsum(total[k]) for k in ("aa", "bb", "ab")} | {"fp64": total["fp64"] > 0}
 
 
 def _coefficients(facts: dict, t: float) -> tuple[float, float]:

@@ -1,34 +1,77 @@
 """Geometry shared by the spherical methods (slerp, nuslerp, multislerp, karcher).
 
-mergekit's spherical methods each guard small norms differently; `normalize` keeps every
-variant in one place so each method can match its mergekit counterpart on tiny and zero
-tensors, where the choice decides between a 90-degree slerp and a lerp.
+Their angles and norms are whole-tensor facts: each block of rows gives its share of the
+dot products (`dots`), summed in fp64, and the blocks' shares are added exactly (`fsum`), so
+a tensor split into row ranges gets the very numbers a whole one does, in any order.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from raymerge.lazy import torch
+from raymerge.methods.base import CPU_CHUNK, MergeInputs, rows_of
 
-# keep: divide only where norm > eps, else leave x as is (a zero tensor stays zero)
-# clamp: divide by max(norm, eps)
-# shift: divide by norm + eps
-Guard = Literal["keep", "clamp", "shift"]
+# elements per chunk of the fact sums on CPUs: 2 MiB of fp64 scratch a vector rather than a
+# block's 8 MiB, in few torch calls a block (many small ones stall on busy threads)
+FACT_CHUNK = 4 * CPU_CHUNK
 
 
-def normalize(
-    x: torch.Tensor, eps: float, guard: Guard, dim: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x / |x|, |x|), the norm over `dim` (all of x when None), small norms guarded."""
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=dim is not None)
-    if guard == "keep":
-        divisor = torch.where(norm > eps, norm, torch.ones_like(norm))
-    elif guard == "clamp":
-        divisor = norm.clamp(min=eps)
-    else:
-        divisor = norm + eps
-    return x / divisor, norm
+def row_chunks(inputs: MergeInputs) -> Iterator[MergeInputs]:
+    """The rows held, about FACT_CHUNK elements at a time on CPUs, all at once on GPUs; an
+    empty tensor is one empty chunk."""
+    first = inputs.tensors[0]
+    held = first.shape[0] if first.dim() else 1
+    width = rows_of(inputs.full_shape)[1]
+    step = max(1, FACT_CHUNK // width) if first.device.type == "cpu" else max(1, held)
+    for lo in range(0, max(1, held), step):
+        yield inputs.rows(lo, lo + step)
+
+
+def upper_pairs(count: int) -> list[tuple[int, int]]:
+    """(i, j), i <= j: the upper triangle of a count x count matrix, row by row."""
+    return [(i, j) for i in range(count) for j in range(i, count)]
+
+
+def dots(parts: Iterable[list[torch.Tensor]], pairs: list[tuple[int, int]]) -> list[float]:
+    """sum(v_i * v_j) for each pair (i, j), over the vectors' parts: each part's dot products
+    in fp64 (exact products of fp32 values), added up in part order."""
+    total = [0.0] * len(pairs)
+    for vectors in parts:
+        # fresh copies: the sums never depend on where a block starts in memory
+        wide = [v.reshape(-1).to(torch.float64, copy=True) for v in vectors]
+        total = [s + float((wide[i] * wide[j]).sum()) for s, (i, j) in zip(total, pairs)]
+    return total
+
+
+def gram_matrix(blocks: list[list[float]]) -> list[list[float]]:
+    """The whole tensor's Gram matrix from every block's `dots` over `upper_pairs` (pure
+    Python: it runs on the driver for split tensors)."""
+    upper = [fsum(column) for column in zip(*blocks)]
+    count = (math.isqrt(8 * len(upper) + 1) - 1) // 2
+    matrix = [[0.0] * count for _ in range(count)]
+    entries = iter(upper)
+    for i in range(count):
+        for j in range(i, count):
+            matrix[i][j] = matrix[j][i] = next(entries)
+    return matrix
+
+
+def fsum(values: Iterable[float]) -> float:
+    """The exactly rounded sum (so the order blocks arrive in never matters); non-finite
+    values, which math.fsum refuses when they cancel (inf - inf), add as usual."""
+    values = list(values)
+    try:
+        return math.fsum(values)
+    except (ValueError, OverflowError):
+        return sum(values)
+
+
+def clip(value: float) -> float:
+    """value clamped to [-1, 1], NaN kept (as torch.clamp keeps it; min/max would not)."""
+    return value if math.isnan(value) else max(-1.0, min(1.0, value))
 
 
 def slerp_coefficients(

@@ -9,9 +9,13 @@ import torch
 
 from raymerge.methods import REGISTRY
 from raymerge.methods.base import MergeInputs
+from tests.methods.splitting import assert_split_gives_whole_bytes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 METHOD = REGISTRY["karcher"]
+
+# over three reduction blocks each: a matrix, one with 7-element rows, a vector
+SPLIT_SHAPES = [(3 * 16384 + 100, 64), (3 * 149796 + 5, 7), (3 * (1 << 20) + 9,)]
 
 
 def run(tensors, max_iter=10, tol=1e-5, base_index=None):
@@ -189,3 +193,10 @@ def test_cuda_matches_cpu(count):
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-4)
     zero = torch.zeros_like(tensors[0]).cuda()
     assert torch.equal(run([zero, zero]), zero.float())
+
+
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=str)
+def test_merged_block_by_block_gives_the_whole_bytes(shape):
+    tensors = randoms(3, shape=shape, dtype=torch.bfloat16, seed=12)
+    shared = {"max_iter": 10, "tol": 1e-5}
+    assert_split_gives_whole_bytes(METHOD, MergeInputs("w", tensors, None, shared, [{}] * 3))

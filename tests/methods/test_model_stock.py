@@ -9,9 +9,14 @@ import torch
 
 from raymerge.methods import REGISTRY
 from raymerge.methods.base import MergeInputs
+from tests.methods.splitting import assert_split_gives_whole_bytes
 from tests.reference import as_f32
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+METHOD = REGISTRY["model_stock"]
+
+# over three reduction blocks each: a matrix, one with 7-element rows, a vector
+SPLIT_SHAPES = [(3 * 16384 + 100, 64), (3 * 149796 + 5, 7), (3 * (1 << 20) + 9,)]
 
 
 def run(tensors, filter_wise=False, base_index=0):
@@ -132,3 +137,11 @@ def test_declaration_matches_mergekit():
     ]
     assert (m.base, m.min_inputs, m.max_inputs) == ("required", 3, None)
     assert not m.elementwise
+
+
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=str)
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_merged_block_by_block_gives_the_whole_bytes(shape, filter_wise):
+    base, models = randoms(3, shape=shape, dtype=torch.bfloat16, seed=11)
+    shared = {"filter_wise": filter_wise}
+    assert_split_gives_whole_bytes(METHOD, MergeInputs("t", [base] + models, 0, shared, [{}] * 4))

@@ -9,9 +9,13 @@ import torch
 
 from raymerge.methods import REGISTRY
 from raymerge.methods.base import REQUIRED, MergeInputs
+from tests.methods.splitting import assert_split_gives_whole_bytes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 METHOD = REGISTRY["multislerp"]
+
+# over three reduction blocks each: a matrix, one with 7-element rows, a vector
+SPLIT_SHAPES = [(3 * 16384 + 100, 64), (3 * 149796 + 5, 7), (3 * (1 << 20) + 9,)]
 
 
 def run(tensors, weights, base=None, normalize_weights=True, eps=1e-8):
@@ -192,3 +196,14 @@ def test_cuda_matches_cpu(with_base):
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-4)
     same = [torch.zeros_like(tensors[0]).cuda()] * 3
     assert torch.equal(run(same, weights, same[0]), same[0].float())
+
+
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=str)
+@pytest.mark.parametrize("with_base", [False, True])
+def test_merged_block_by_block_gives_the_whole_bytes(shape, with_base):
+    *tensors, base = randoms(4, shape=shape, dtype=torch.bfloat16, seed=11)
+    tensors += [base] if with_base else []
+    per_input = [{"weight": w} for w in (0.5, 1.25, 0.3)] + ([{}] if with_base else [])
+    shared = {"normalize_weights": True, "eps": 1e-8}
+    inputs = MergeInputs("w", tensors, 3 if with_base else None, shared, per_input)
+    assert_split_gives_whole_bytes(METHOD, inputs)

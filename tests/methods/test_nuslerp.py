@@ -10,9 +10,13 @@ import torch
 
 from raymerge.methods import REGISTRY
 from raymerge.methods.base import REQUIRED, MergeInputs
+from tests.methods.splitting import assert_split_gives_whole_bytes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 METHOD = REGISTRY["nuslerp"]
+
+# over three reduction blocks each: a matrix, one with 7-element rows, a vector
+SPLIT_SHAPES = [(3 * 16384 + 100, 64), (3 * 149796 + 5, 7), (3 * (1 << 20) + 9,)]
 
 
 def run(x0, x1, weights=(1.0, 1.0), base=None, row_wise=False, flatten=True):
@@ -203,3 +207,15 @@ def test_cuda_matches_cpu(row_wise, flatten):
     x = x0.float().cuda()  # -3x is exact in fp32: exactly anti-parallel
     gpu = run(x, -3 * x, (0.25, 0.75), row_wise=row_wise, flatten=flatten)
     torch.testing.assert_close(gpu.cpu(), 0.25 * x0.float() - 2.25 * x0.float())
+
+
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=str)
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("row_wise,flatten", [(False, True), (True, False), (False, False)])
+def test_merged_block_by_block_gives_the_whole_bytes(shape, with_base, row_wise, flatten):
+    x0, x1, base = randoms(3, shape=shape, dtype=torch.bfloat16, seed=13)
+    tensors = [x0, x1] + ([base] if with_base else [])
+    per_input = [{"weight": 0.7}, {"weight": 0.4}] + ([{}] if with_base else [])
+    shared = {"nuslerp_row_wise": row_wise, "nuslerp_flatten": flatten}
+    inputs = MergeInputs("w", tensors, 2 if with_base else None, shared, per_input)
+    assert_split_gives_whole_bytes(METHOD, inputs)
