@@ -2,16 +2,19 @@
 smallest entries of each task vector; mergekit's `breadcrumbs` and `breadcrumbs_ties`.
 
 Per tensor: the int(gamma * n) largest |delta| go, then the smallest, leaving int(density *
-n). Equal magnitudes are ranked by flat index, so the kept set never depends on sort order.
+n): the entries whose rank in ascending (|delta|, flat index) order lies in [bottom, bottom +
+keep). That is two exact lowest-r selections (selection.py), so a tensor split into row
+ranges keeps the same entries; ranks follow the compute dtype's magnitudes (fp64 stays fp64).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from raymerge.lazy import torch
-from raymerge.methods import sparsify, task_arithmetic
-from raymerge.methods.base import MergeInputs, Param
+from raymerge.methods import selection, sparsify, task_arithmetic
+from raymerge.methods.base import FactRound, MergeInputs, Param, compute_dtype, rows_of
 
 GAMMA = Param(
     "gamma",
@@ -24,13 +27,57 @@ GAMMA = Param(
 )
 
 
+def _counts(density: float, gamma: float, n: int) -> tuple[int, int]:
+    """(first rank kept, entries kept), mergekit's: keep int(density n), dropping int(gamma n)
+    outliers at most."""
+    keep = int(density * n) if density > 0 else 0
+    return max(0, n - keep - int(gamma * n)), keep
+
+
+def _magnitudes(inputs: MergeInputs, wanted: selection.Wanted) -> Iterator[selection.Offer]:
+    """Each trimmed position's |delta| keys, with its density and gamma."""
+    dtype = compute_dtype(inputs.base)
+    base = inputs.base.to(dtype)
+    for position, tensor, params in inputs.others():
+        group = selection.tensor_group(inputs, position)
+        if params["density"] < 1 and wanted(group):
+            magnitude = tensor.to(dtype, copy=True).sub_(base).abs_()
+            trim = {name: {repr(params[name]): 1} for name in ("density", "gamma")}
+            yield group, selection.magnitude_keys(magnitude), trim
+
+
+def _ranks(group: str, total: dict, inputs: MergeInputs) -> dict[str, selection.Pick]:
+    """Ranks [bottom, bottom + keep) are the lowest bottom + keep less the lowest bottom."""
+    density = selection.one_value(total, "density", group)
+    bottom, keep = _counts(density, selection.one_value(total, "gamma", group), total["numel"])
+    below, upto = (bottom, bottom + keep) if keep else (0, 0)  # nothing kept: no search
+    return {f"{group} below": selection.Pick("bottom", below),
+            f"{group} upto": selection.Pick("bottom", upto)}  # fmt: skip
+
+
+def rank_rounds(shared: dict[str, Any]) -> tuple[FactRound, ...]:
+    return selection.select_rounds(_magnitudes, _ranks)
+
+
 def trim_outliers(
     delta: torch.Tensor, params: dict[str, Any], inputs: MergeInputs, position: int
-) -> torch.Tensor:
-    return sparsify.magnitude_outliers(delta, params["density"], params["gamma"])
+) -> torch.Tensor | None:
+    """The mask of the entries kept in the rows held (None: all of them)."""
+    if params["density"] >= 1:
+        return None
+    magnitude = delta.abs().reshape(-1)
+    if inputs.facts is None:  # the whole tensor is here: select over it at once
+        bottom, keep = _counts(params["density"], params["gamma"], magnitude.numel())
+        kept = sparsify.rank_range_mask(magnitude, bottom, bottom + keep)
+        return kept.reshape(delta.shape)
+    group = selection.tensor_group(inputs, position)
+    keys, row_elements = selection.magnitude_keys(magnitude), rows_of(inputs.full_shape)[1]
+    upto = selection.mask(keys, inputs.facts[f"{group} upto"], inputs, row_elements)
+    below = selection.mask(keys, inputs.facts[f"{group} below"], inputs, row_elements)
+    return upto.logical_and_(below.logical_not_()).reshape(delta.shape)
 
 
-OUTLIERS = task_arithmetic.Trim(trim_outliers, "tensor")
+OUTLIERS = task_arithmetic.Trim(trim_outliers, "tensor", rank_rounds)
 
 
 METHODS = (

@@ -10,6 +10,7 @@ import torch
 from raymerge.methods import REGISTRY, arcee_fusion
 from raymerge.methods.arcee_fusion import fence
 from raymerge.methods.base import MergeInputs
+from tests.methods.test_breadcrumbs import SPLIT_SHAPE, merge_by_rows
 from tests.reference import as_f32
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -115,3 +116,34 @@ def test_row_blocks_do_not_change_the_result(monkeypatch):
     assert torch.equal(run([base, model]), whole)
     monkeypatch.setattr(arcee_fusion, "BLOCK", 23)
     assert torch.equal(run([base, model]), whole)
+
+
+def tied_rows(dtype, seed):
+    """Every base row the same, every model row that row plus one of five patterns: scores
+    take a dozen values, so each quantile sits in a run of ties across all blocks."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(1, SPLIT_SHAPE[1], generator=g).expand(SPLIT_SHAPE[0], -1)
+    patterns = torch.randint(-2, 3, (5, SPLIT_SHAPE[1]), generator=g) / 4
+    which = torch.randint(0, 5, (SPLIT_SHAPE[0],), generator=g)
+    return base.to(dtype), (base + patterns[which]).to(dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype,tied", [(torch.bfloat16, False), (torch.float64, False), (torch.float32, True)]
+)
+def test_row_ranges_merge_to_the_whole_tensor(dtype, tied):
+    base, model = tied_rows(dtype, 41) if tied else randoms(SPLIT_SHAPE, dtype, seed=41)
+    whole, split, facts = merge_by_rows("arcee_fusion", [model, base], 1, {}, [{}, {}])
+    assert torch.equal(split, whole)
+    scores = arcee_fusion.importance(model.to(whole.dtype), base.to(whole.dtype)).reshape(-1)
+    last = scores.numel() - 1
+    for name, rank in zip(("q1", "median", "q3"), (last // 4, last // 2, 3 * last // 4)):
+        assert facts[name]["value"] == torch.kthvalue(scores, rank + 1).values.item()
+    if not tied:  # a real selection
+        assert 0 < int((whole != base.to(whole.dtype)).sum()) < whole.numel() // 2
+
+
+def test_a_vector_is_one_row_and_cannot_be_split():
+    m = REGISTRY["arcee_fusion"]
+    assert m.split_problem(2) is None and m.split_problem(3) is None
+    assert "whole rows" in m.split_problem(1)

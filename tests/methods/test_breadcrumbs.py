@@ -2,12 +2,59 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
 from raymerge.methods import REGISTRY
+from raymerge.methods.base import MergeInputs, block_rows, gather_facts
 from raymerge.methods.sparsify import lowest_mask, magnitude_outliers
 from tests.methods.test_dare import DTYPES, family, randoms, run
+
+SPLIT_SHAPE = (3 * 16384 + 100, 64)  # four blocks of rows (BLOCK_ELEMENTS), the last short
+
+
+def merge_by_rows(method, tensors, base_index, shared, per_input, name="t"):
+    """(the whole-tensor merge, the merges of row ranges cut at blocks concatenated, their
+    facts): facts gathered over the whole tensor as a prepare stage would (through JSON)."""
+    m = REGISTRY[method]
+    shape = tuple(tensors[0].shape)
+    whole_inputs = MergeInputs(name, list(tensors), base_index, shared, per_input)
+    rounds = m.fact_rounds(shared)
+    assert m.split_problem(len(shape)) is None and rounds
+    facts = json.loads(json.dumps(gather_facts(rounds, whole_inputs)))
+    step = block_rows(shape)
+    assert shape[0] > 3 * step, "at least four blocks"
+    cuts = [0, step, 3 * step, shape[0]]  # one block, two blocks, the rest
+    pieces = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        rows = [t[lo:hi] for t in tensors]
+        inputs = MergeInputs(name, rows, base_index, shared, per_input, shape=shape, row_start=lo)
+        pieces.append(m.merge(dataclasses.replace(inputs, facts=facts)))
+    return m.merge(whole_inputs), torch.cat(pieces), facts
+
+
+def split_ties(fact) -> int:
+    """How many blocks a selection's ties at its threshold were handed out over."""
+    if not isinstance(fact, dict) or not isinstance(fact["quota"], dict):
+        return 0
+    return sum(len(blocks) for blocks in fact["quota"].values())
+
+
+def tied_models(count, dtype, seed, shape=SPLIT_SHAPE):
+    """A base and models whose deltas take 13 values (|delta| 7): every selection threshold
+    falls inside a run of ties that spans all blocks."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).to(dtype)
+    steps = [torch.randint(-6, 7, shape, generator=g) / 8 for _ in range(count)]
+    return base, [(base.double() + s).to(dtype) for s in steps]
+
+
+def shared_of(method, **values):
+    shared = {p.name: p.default for p in REGISTRY[method].params if p.scope == "shared"}
+    return shared | values
 
 
 def outliers_trim(density, gamma):
@@ -117,3 +164,37 @@ def test_cuda_selection_matches_cpu():
         cpu = magnitude_outliers(delta, density, gamma)
         gpu = magnitude_outliers(delta.cuda(), density, gamma).cpu()
         assert torch.equal(gpu, cpu)
+
+
+@pytest.mark.parametrize(
+    "method,dtype,rescale",
+    [
+        ("breadcrumbs", torch.bfloat16, False),
+        ("breadcrumbs", torch.float64, True),
+        ("breadcrumbs_ties", torch.bfloat16, True),
+        ("breadcrumbs_ties", torch.float64, False),
+    ],
+)
+def test_row_ranges_merge_to_the_whole_tensor(method, dtype, rescale):
+    base, models = tied_models(3, dtype, seed=21)
+    trims = [(0.5, 0.1), (0.9, 0.01), (0.3, 0.6)]  # the last: density + gamma > 1
+    per_input = [{}] + [{"weight": w, "density": d, "gamma": g}
+                        for w, (d, g) in zip([0.7, 1.0, -0.4], trims)]  # fmt: skip
+    shared = shared_of(method, rescale=rescale, normalize=rescale)
+    whole, split, facts = merge_by_rows(method, [base, *models], 0, shared, per_input)
+    assert torch.equal(split, whole)
+    # each model's upper rank cuts a run of ties that spans every block
+    assert all(split_ties(facts[f"t|{i} upto"]) == 4 for i in (1, 2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("density,gamma", [(0.5, 0.1), (0.9, 0.2), (0.004, 0.0), (0.0, 0.1)])
+def test_split_trim_is_magnitude_outliers(dtype, density, gamma):
+    """One model of weight 1 over a zero base: the merge is the trimmed delta itself."""
+    _, (delta,) = tied_models(1, dtype, seed=22)
+    base = torch.zeros_like(delta)
+    per_input = [{}, {"weight": 1.0, "density": density, "gamma": gamma}]
+    whole, split, _ = merge_by_rows("breadcrumbs", [base, delta], 0, shared_of("breadcrumbs"),
+                                    per_input)  # fmt: skip
+    want = magnitude_outliers(delta, density, gamma)
+    assert torch.equal(whole, want) and torch.equal(split, want)

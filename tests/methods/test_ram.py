@@ -7,6 +7,7 @@ import torch
 
 from raymerge.methods import REGISTRY
 from raymerge.methods.base import MergeInputs
+from tests.methods.test_breadcrumbs import SPLIT_SHAPE, merge_by_rows
 from tests.reference import as_f32
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -140,3 +141,19 @@ def test_declarations_match_mergekit():
     for m in (ram, plus):
         assert (m.base, m.min_inputs, m.max_inputs) == ("required", 1, None)
     assert ram.elementwise and not plus.elementwise
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_ramplus_tl_row_ranges_merge_to_the_whole_tensor(dtype):
+    base, models = randoms(3, shape=SPLIT_SHAPE, dtype=dtype, seed=7)
+    m = REGISTRY["ramplus_tl"]
+    shared = {p.name: p.default for p in m.params} | {"r": 0.5, "alpha": 10.0}
+    whole, split, facts = merge_by_rows("ramplus_tl", [base, *models], 0, shared, [{}] * 4)
+    assert torch.equal(split, whole)
+    assert all(boost > 1 for boost in facts["boost"])  # every model's unique entries scaled
+
+
+def test_ram_needs_no_facts_and_ramplus_tl_gathers_counts():
+    ram, plus = REGISTRY["ram"], REGISTRY["ramplus_tl"]
+    assert ram.rounds is None and ram.split_problem(1) is None
+    assert plus.split_problem(1) is None and plus.split_problem(2) is None

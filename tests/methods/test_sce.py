@@ -10,6 +10,7 @@ import torch
 from raymerge.methods import REGISTRY
 from raymerge.methods.base import MergeInputs
 from raymerge.methods.sce import select_mask
+from tests.methods.test_breadcrumbs import SPLIT_SHAPE, merge_by_rows, split_ties
 from tests.reference import as_f32
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -156,3 +157,34 @@ def test_declaration_matches_mergekit():
     ]
     assert (m.base, m.min_inputs, m.max_inputs) == ("required", 1, None)
     assert not m.elementwise
+
+
+def split_inputs(seed, dtype=torch.float32):
+    """A base and four models at SPLIT_SHAPE whose deltas are multiples of 1/8: the variances
+    take few values (heavy ties at the top-k threshold, across every block); a tenth of the
+    entries do not vary."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(-64, 64, SPLIT_SHAPE, generator=g).double() / 8
+    steady = torch.rand(SPLIT_SHAPE, generator=g) < 0.1
+    offset = torch.randint(-4, 5, SPLIT_SHAPE, generator=g).double() / 8
+    models = []
+    for _ in range(4):
+        delta = torch.randint(-8, 9, SPLIT_SHAPE, generator=g).double() / 8
+        models.append((base + torch.where(steady, offset, delta)).to(dtype))
+    return base.to(dtype), models
+
+
+@pytest.mark.parametrize(
+    "dtype,select_topk",
+    [(torch.bfloat16, 0.37), (torch.float64, 0.37), (torch.float32, 0.9), (torch.bfloat16, 1.0),
+     (torch.bfloat16, 0.0)],
+)  # fmt: skip
+def test_row_ranges_merge_to_the_whole_tensor(dtype, select_topk):
+    base, models = split_inputs(31, dtype)
+    shared = {"select_topk": select_topk, "int8_mask": False}
+    per_input = [{} for _ in range(5)]
+    tensors = [models[0], base, *models[1:]]
+    whole, split, facts = merge_by_rows("sce", tensors, 1, shared, per_input)
+    assert torch.equal(split, whole)
+    if 0 < select_topk < 1:  # the threshold cuts a run of ties spanning every block
+        assert split_ties(facts["variance"]) == 4
