@@ -2,54 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-
 import pytest
 import torch
 
 from raymerge.methods import REGISTRY
-from raymerge.methods.base import MergeInputs, block_rows, gather_facts
 from raymerge.methods.sparsify import lowest_mask, magnitude_outliers
+from tests.methods.splitting import merge_by_rows, split_ties, tied_models
 from tests.methods.test_dare import DTYPES, family, randoms, run
-
-SPLIT_SHAPE = (3 * 16384 + 100, 64)  # four blocks of rows (BLOCK_ELEMENTS), the last short
-
-
-def merge_by_rows(method, tensors, base_index, shared, per_input, name="t"):
-    """(the whole-tensor merge, the merges of row ranges cut at blocks concatenated, their
-    facts): facts gathered over the whole tensor as a prepare stage would (through JSON)."""
-    m = REGISTRY[method]
-    shape = tuple(tensors[0].shape)
-    whole_inputs = MergeInputs(name, list(tensors), base_index, shared, per_input)
-    rounds = m.fact_rounds(shared)
-    assert m.split_problem(len(shape)) is None and rounds
-    facts = json.loads(json.dumps(gather_facts(rounds, whole_inputs)))
-    step = block_rows(shape)
-    assert shape[0] > 3 * step, "at least four blocks"
-    cuts = [0, step, 3 * step, shape[0]]  # one block, two blocks, the rest
-    pieces = []
-    for lo, hi in zip(cuts, cuts[1:]):
-        rows = [t[lo:hi] for t in tensors]
-        inputs = MergeInputs(name, rows, base_index, shared, per_input, shape=shape, row_start=lo)
-        pieces.append(m.merge(dataclasses.replace(inputs, facts=facts)))
-    return m.merge(whole_inputs), torch.cat(pieces), facts
-
-
-def split_ties(fact) -> int:
-    """How many blocks a selection's ties at its threshold were handed out over."""
-    if not isinstance(fact, dict) or not isinstance(fact["quota"], dict):
-        return 0
-    return sum(len(blocks) for blocks in fact["quota"].values())
-
-
-def tied_models(count, dtype, seed, shape=SPLIT_SHAPE):
-    """A base and models whose deltas take 13 values (|delta| 7): every selection threshold
-    falls inside a run of ties that spans all blocks."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=g).to(dtype)
-    steps = [torch.randint(-6, 7, shape, generator=g) / 8 for _ in range(count)]
-    return base, [(base.double() + s).to(dtype) for s in steps]
 
 
 def shared_of(method, **values):

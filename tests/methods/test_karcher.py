@@ -9,13 +9,12 @@ import torch
 
 from raymerge.methods import REGISTRY
 from raymerge.methods.base import MergeInputs
-from tests.methods.splitting import assert_split_gives_whole_bytes
+from tests.methods.splitting import SPLIT_SHAPES, assert_split_gives_whole_bytes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 METHOD = REGISTRY["karcher"]
 
 # over three reduction blocks each: a matrix, one with 7-element rows, a vector
-SPLIT_SHAPES = [(3 * 16384 + 100, 64), (3 * 149796 + 5, 7), (3 * (1 << 20) + 9,)]
 
 
 def run(tensors, max_iter=10, tol=1e-5, base_index=None):

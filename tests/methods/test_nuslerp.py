@@ -10,13 +10,12 @@ import torch
 
 from raymerge.methods import REGISTRY
 from raymerge.methods.base import REQUIRED, MergeInputs
-from tests.methods.splitting import assert_split_gives_whole_bytes
+from tests.methods.splitting import SPLIT_SHAPES, assert_split_gives_whole_bytes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 METHOD = REGISTRY["nuslerp"]
 
 # over three reduction blocks each: a matrix, one with 7-element rows, a vector
-SPLIT_SHAPES = [(3 * 16384 + 100, 64), (3 * 149796 + 5, 7), (3 * (1 << 20) + 9,)]
 
 
 def run(x0, x1, weights=(1.0, 1.0), base=None, row_wise=False, flatten=True):

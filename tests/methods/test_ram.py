@@ -7,7 +7,7 @@ import torch
 
 from raymerge.methods import REGISTRY
 from raymerge.methods.base import MergeInputs
-from tests.methods.test_breadcrumbs import SPLIT_SHAPE, merge_by_rows
+from tests.methods.splitting import SPLIT_SHAPE, merge_by_rows
 from tests.reference import as_f32
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

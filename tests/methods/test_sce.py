@@ -10,7 +10,7 @@ import torch
 from raymerge.methods import REGISTRY
 from raymerge.methods.base import MergeInputs
 from raymerge.methods.sce import select_mask
-from tests.methods.test_breadcrumbs import SPLIT_SHAPE, merge_by_rows, split_ties
+from tests.methods.splitting import SPLIT_SHAPE, merge_by_rows, split_ties
 from tests.reference import as_f32
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
