@@ -37,9 +37,6 @@ from raymerge.safetensors_format import TensorEntry, build_header
 from raymerge.sizes import human
 from raymerge.spec import MergeSpec
 
-# bytes of fp32 scratch per element and input that a method may hold at once, on top of one
-# fp32 copy per input
-SCRATCH_FP32_PER_INPUT = 4
 # tensors larger than this are cut across write parts at block boundaries (an S3 part may
 # hold at most 5 GiB, and a part's bytes are produced together)
 WHOLE_TENSOR_LIMIT = 1 << 30
@@ -74,6 +71,7 @@ class OutputTensor:
     base: int | None  # position of the base within `sources`
     shared: dict[str, Any] = field(default_factory=dict)
     per_input: tuple[dict[str, Any], ...] = ()
+    scratch: float = 0.0  # fp32 words per element the method holds at its peak
 
     @property
     def nbytes(self) -> int:
@@ -97,8 +95,7 @@ class OutputTensor:
         inputs = sum(itemsize(s.dtype) for s in self.sources) * row
         if self.op == "copy":
             return inputs, itemsize(self.dtype) * row
-        scratch = 4 * row * (len(self.sources) + SCRATCH_FP32_PER_INPUT)
-        return inputs, scratch + itemsize(self.dtype) * row
+        return inputs, int(4 * row * self.scratch) + itemsize(self.dtype) * row
 
 
 @dataclass(frozen=True)
@@ -250,9 +247,10 @@ def _plan_tensor(spec: MergeSpec, checkpoints: list[Checkpoint], job: TensorJob)
         for (i, _), entry in zip(job.sources, entries)
     )
     nbytes = math.prod(shape) * itemsize(dtype)
+    scratch = REGISTRY[spec.method.name].scratch_words(len(sources))
     return OutputTensor(
         job.name, dtype, shape, -1, 0, nbytes, job.layer, "merge", sources, out_slice.base,
-        shared, tuple(per_input),
+        shared, tuple(per_input), scratch,
     )  # fmt: skip
 
 

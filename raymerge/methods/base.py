@@ -248,6 +248,15 @@ class MergeMethod:
         Callable[[list[tuple[tuple[int, ...], dict, tuple[dict, ...]]]], str | None] | None
     ) = None
 
+    # scratch(n inputs) -> fp32 words per element the kernel holds at its peak, besides its
+    # inputs and output (the plan sizes work units by it); None: a cautious n + 4
+    scratch: Callable[[int], float] | None = None
+
+    def scratch_words(self, inputs: int) -> float:
+        if self.scratch is not None:
+            return self.scratch(inputs)
+        return 0.0 if self.elementwise and self.rounds is None else inputs + 4.0
+
     def spans_model(self, shared: dict[str, Any]) -> bool:
         return self.whole_model is not None and self.whole_model(shared)
 

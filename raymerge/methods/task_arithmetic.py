@@ -255,6 +255,9 @@ def make(
         summary=summary,
         locality="elementwise" if trim is None else trim.locality,
         rounds=rounds,
+        # one model at a time: its fp32 delta and |delta| (or trimmed copy), plus every
+        # model's boolean mask (a quarter word each); the combine runs in small chunks
+        scratch=None if trim is None else (lambda n: 3 + n / 4),
     )
 
 
