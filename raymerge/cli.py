@@ -159,7 +159,7 @@ def plan(
     )
     the_plan = make_plan(spec, checkpoints, memory)
     method = REGISTRY[the_plan.method]
-    largest = max(the_plan.units, key=lambda u: (u.memory, u.nbytes))
+    largest = max(the_plan.units, key=lambda u: (u.io_bytes + u.scratch, u.nbytes))
     report = {
         "method": the_plan.method,
         "inputs": [
@@ -176,7 +176,10 @@ def plan(
         "parts": len(the_plan.parts),
         "units": len(the_plan.units),
         "split_tensors": [the_plan.tensors[i].name for i in the_plan.split_tensors()],
-        "largest_unit": {"key": largest.key, "bytes": largest.nbytes, "memory": largest.memory},
+        "largest_unit": {
+            "key": largest.key, "bytes": largest.nbytes,
+            "memory": largest.io_bytes + largest.scratch,
+        },
         "worker_memory": memory,
         "locality": method.locality,
         "splits_tensors": method.split_problem(2) is None,

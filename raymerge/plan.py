@@ -89,13 +89,20 @@ class OutputTensor:
     def block_rows(self) -> int:
         return block_rows(self.shape)
 
+    def input_bytes_per_row(self) -> int:
+        return sum(itemsize(s.dtype) for s in self.sources) * self.row_elements
+
     def bytes_per_row(self) -> tuple[int, int]:
-        """(input bytes, fp32 scratch + output bytes) that merging one row takes."""
+        """(input + output bytes, fp32 scratch bytes) that merging one row takes: a worker
+        keeps the first for each unit in its pipeline, the second only while merging."""
         row = self.row_elements
-        inputs = sum(itemsize(s.dtype) for s in self.sources) * row
-        if self.op == "copy":
-            return inputs, itemsize(self.dtype) * row
-        return inputs, int(4 * row * self.scratch) + itemsize(self.dtype) * row
+        io = self.input_bytes_per_row() + itemsize(self.dtype) * row
+        return io, 0 if self.op == "copy" else int(4 * row * self.scratch)
+
+    def memory_per_row(self) -> int:
+        """What one row costs a worker's pipeline: its bytes in every stage, one scratch."""
+        io, scratch = self.bytes_per_row()
+        return UNITS_IN_MEMORY * io + scratch
 
 
 @dataclass(frozen=True)
@@ -138,7 +145,8 @@ class Unit:
     end: int
     pieces: tuple[Piece, ...]
     input_bytes: int  # what the worker reads
-    memory: int  # inputs + scratch + output while merging
+    io_bytes: int  # inputs + output: what each pipeline slot holds for this unit
+    scratch: int  # the largest piece's fp32 scratch while merging
 
     @property
     def nbytes(self) -> int:
@@ -182,14 +190,12 @@ class Plan:
         return sum(src.end - src.start for t in self.tensors for src in t.sources)
 
     def peak_worker_bytes(self) -> int:
-        """A bound on one worker's memory for data: the largest unit merging, the largest
-        unit's inputs prefetched and the largest unit's output being written."""
+        """A bound on one worker's memory for data: every pipeline slot holding the largest
+        unit's inputs and output, plus the largest scratch of one merge."""
         if not self.units:
             return 0
-        return (
-            max(u.memory for u in self.units)
-            + max(u.input_bytes for u in self.units)
-            + max(u.nbytes for u in self.units)
+        return UNITS_IN_MEMORY * max(u.io_bytes for u in self.units) + max(
+            u.scratch for u in self.units
         )
 
     def split_tensors(self) -> list[int]:
@@ -207,8 +213,7 @@ def make_plan(
     _check_across_tensors(spec, tensors)
     shards, placed = _layout(_group_into_shards(tensors, spec.shard_size))
     parts = _cut_parts(shards, placed, spec.part_size)
-    unit_limit = None if worker_memory is None else worker_memory // UNITS_IN_MEMORY
-    units = _cut_units(spec, shards, placed, parts, unit_limit, worker_memory)
+    units = _cut_units(spec, shards, placed, parts, worker_memory)
     plan = Plan(
         method=spec.method.name,
         seed=spec.seed,
@@ -336,10 +341,10 @@ def _cut_parts(shards: list[Shard], tensors: list[OutputTensor], part_size: int)
 
 def _cut_units(
     spec: MergeSpec, shards: list[Shard], tensors: list[OutputTensor], parts: list[Part],
-    unit_limit: int | None, worker_memory: int | None,
+    memory: int | None,
 ) -> list[Unit]:  # fmt: skip
-    """Whole tensors grouped within a part while they fit `unit_limit`; a tensor that does
-    not fit (or spans parts) is cut into block-aligned row ranges."""
+    """Whole tensors grouped within a part while a worker's pipeline can hold them (`memory`
+    bytes); a tensor that does not fit (or spans parts) is cut into block-aligned row ranges."""
     units: list[Unit] = []
     by_shard: dict[int, list[int]] = {}
     for i, t in enumerate(tensors):
@@ -350,13 +355,9 @@ def _cut_units(
             tensor = tensors[i]
             if tensor.end <= part.start or tensor.start >= part.end:
                 continue
-            pieces = _pieces(spec, i, tensor, part, unit_limit, worker_memory)
+            pieces = _pieces(spec, i, tensor, part, memory)
             if len(pieces) == 1 and pieces[0].whole:
-                if (
-                    group
-                    and unit_limit is not None
-                    and (_memory(tensors, group + pieces) > unit_limit)
-                ):
+                if group and memory is not None and _cost(tensors, group + pieces) > memory:
                     units.append(_unit(len(units), part, tensors, shards, group))
                     group = []
                 group += pieces
@@ -372,23 +373,20 @@ def _cut_units(
 
 
 def _pieces(
-    spec: MergeSpec, index: int, tensor: OutputTensor, part: Part, unit_limit: int | None,
-    worker_memory: int | None,
-) -> list[Piece]:  # fmt: skip
+    spec: MergeSpec, index: int, tensor: OutputTensor, part: Part, memory: int | None
+) -> list[Piece]:
     """The pieces of `tensor` inside `part`: the whole tensor when it fits, else row ranges."""
     row_bytes = tensor.nbytes // max(1, tensor.rows)
     first = max(0, (part.start - tensor.start) // max(1, row_bytes))
     last = tensor.rows if tensor.end <= part.end else (part.end - tensor.start) // row_bytes
-    inputs, other = tensor.bytes_per_row()
-    per_row = inputs + other
+    per_row = tensor.memory_per_row()
     whole_in_part = first == 0 and last == tensor.rows
-    if whole_in_part and (unit_limit is None or per_row * tensor.rows <= unit_limit):
+    if whole_in_part and (memory is None or per_row * tensor.rows <= memory):
         return [Piece(index, 0, tensor.rows, True)]
-    if unit_limit is not None and per_row * tensor.block_rows > unit_limit:
-        raise ConfigError(_too_big(tensor, per_row * tensor.block_rows, worker_memory, "block"))
-    if not whole_in_part or unit_limit is not None:
-        _check_splittable(spec, tensor, per_row * tensor.rows, worker_memory)
-    step_rows = tensor.rows if unit_limit is None else unit_limit // per_row
+    if memory is not None and per_row * tensor.block_rows > memory:
+        raise ConfigError(_too_big(tensor, per_row * tensor.block_rows, memory, "block"))
+    _check_splittable(spec, tensor, per_row * tensor.rows, memory)
+    step_rows = tensor.rows if memory is None else memory // per_row
     step_rows = max(tensor.block_rows, step_rows // tensor.block_rows * tensor.block_rows)
     cuts = list(range(first, last, step_rows)) + [last]
     return [Piece(index, lo, hi, False) for lo, hi in zip(cuts, cuts[1:])]
@@ -407,22 +405,30 @@ def _too_big(tensor: OutputTensor, need: int, memory: int | None, why: str) -> s
     if why == "block":
         return (
             f"tensor {tensor.name!r} {list(tensor.shape)}: one block of rows needs "
-            f"{human(need)} per worker, more than a third of --worker-memory "
-            f"{human(memory or 0)}; raise --worker-memory"
+            f"{human(need)} per worker, more than --worker-memory {human(memory or 0)}; "
+            f"raise --worker-memory to at least {human(need)}"
         )
     return (
-        f"tensor {tensor.name!r} {list(tensor.shape)} needs {human(need)} to merge whole, more "
-        f"than a third of --worker-memory {human(memory or 0)}, and {why}; raise "
-        f"--worker-memory to at least {human(need * UNITS_IN_MEMORY)}"
+        f"tensor {tensor.name!r} {list(tensor.shape)} needs {human(need)} per worker to merge "
+        f"whole, more than --worker-memory {human(memory or 0)}, and {why}; raise "
+        f"--worker-memory to at least {human(need)}"
     )
 
 
-def _memory(tensors: list[OutputTensor], pieces: list[Piece]) -> int:
-    total = 0
+def _io_and_scratch(tensors: list[OutputTensor], pieces: list[Piece]) -> tuple[int, int]:
+    """(inputs + outputs of every piece, the largest piece's scratch)."""
+    io, scratch = 0, 0
     for p in pieces:
-        inputs, other = tensors[p.tensor].bytes_per_row()
-        total += (inputs + other) * (p.row_end - p.row_start)
-    return total
+        row_io, row_scratch = tensors[p.tensor].bytes_per_row()
+        io += row_io * (p.row_end - p.row_start)
+        scratch = max(scratch, row_scratch * (p.row_end - p.row_start))
+    return io, scratch
+
+
+def _cost(tensors: list[OutputTensor], pieces: list[Piece]) -> int:
+    """A unit's share of a worker's memory: in every pipeline slot, plus one scratch."""
+    io, scratch = _io_and_scratch(tensors, pieces)
+    return UNITS_IN_MEMORY * io + scratch
 
 
 def _unit(index: int, part: Part, tensors: list[OutputTensor], shards: list[Shard],
@@ -436,9 +442,11 @@ def _unit(index: int, part: Part, tensors: list[OutputTensor], shards: list[Shar
         start = end = part.end
     if start <= shards[part.shard].header_size:
         start = part.start  # the header (and any padding) goes with the first tensor
-    inputs = sum(tensors[p.tensor].bytes_per_row()[0] * (p.row_end - p.row_start) for p in pieces)
+    inputs = sum(tensors[p.tensor].input_bytes_per_row() * (p.row_end - p.row_start)
+                 for p in pieces)  # fmt: skip
+    _, scratch = _io_and_scratch(tensors, pieces)
     return Unit(index, part.shard, part.number, start, end, tuple(pieces), inputs,
-                _memory(tensors, pieces) if pieces else 0)  # fmt: skip
+                inputs + end - start, scratch)  # fmt: skip
 
 
 def _digest(spec: MergeSpec, checkpoints: list[Checkpoint], plan: Plan) -> str:

@@ -61,19 +61,36 @@ class UnitResult:
     worker: str = field(default_factory=lambda: f"{os.uname().nodename}:{os.getpid()}")
 
 
+ALIGN = 64  # every input carved from a slot's arena starts on a cache line
+
+
 class _Slot:
-    """Reusable buffers for one unit in flight (fresh allocations page-fault on first use)."""
+    """Reusable buffers for one unit in flight: one arena for all its inputs, one for its
+    output (fresh allocations page-fault on first use; one arena each keeps a slot's
+    memory at the largest unit's, as the plan's bound assumes)."""
 
     def __init__(self, pin: bool) -> None:
         self.pin = pin
-        self.buffers: dict[object, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.used = 0
 
-    def buffer(self, key: object, nbytes: int) -> torch.Tensor:
+    def buffer(self, key: str, nbytes: int) -> torch.Tensor:
         buffer = self.buffers.get(key)
         if buffer is None or buffer.numel() < nbytes:
+            self.buffers.pop(key, None)  # free the old one first
             buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)
             self.buffers[key] = buffer
         return buffer[:nbytes]
+
+    def start_inputs(self, nbytes: int) -> None:
+        """Size the input arena for a unit that reads `nbytes` in all."""
+        self.buffer("in", nbytes)
+        self.used = 0
+
+    def carve(self, nbytes: int) -> torch.Tensor:
+        start = self.used
+        self.used = -(-(start + nbytes) // ALIGN) * ALIGN
+        return self.buffers["in"][start : start + nbytes]
 
 
 class UnitRunner:
@@ -101,7 +118,8 @@ class UnitRunner:
             result = UnitResult(unit.key, unit.index, [])
             with self._fetching:  # each stage's time is counted once it holds its lock
                 started = time.perf_counter()
-                inputs = [self._read_piece(slot, n, p, result) for n, p in enumerate(unit.pieces)]
+                slot.start_inputs(self._arena_bytes(unit))
+                inputs = [self._read_piece(slot, p, result) for p in unit.pieces]
                 result.seconds_read = time.perf_counter() - started
             out = slot.buffer("out", unit.nbytes)
             with self._merging:
@@ -130,13 +148,14 @@ class UnitRunner:
         wanted = request["facts"]
         with self._slot() as slot:
             scratch = UnitResult(unit.key, unit.index, [])
-            for n, piece in enumerate(unit.pieces):
+            for piece in unit.pieces:
                 if piece.tensor not in wanted:
                     continue
                 tensor = self.context.tensors[piece.tensor]
                 fact_round = self.method.fact_rounds(tensor.shared)[request["round"]]
                 with self._fetching:
-                    tensors = self._read_piece(slot, n, piece, scratch)
+                    slot.start_inputs(self._arena_bytes(unit))
+                    tensors = self._read_piece(slot, piece, scratch)
                 facts = wanted[piece.tensor]
                 inputs = self._inputs(tensor, piece, tensors, facts)
                 total: dict = {}
@@ -159,16 +178,31 @@ class UnitRunner:
                 with self._slot_lock:
                     self._slots.append(slot)
 
-    def _read_piece(self, slot: _Slot, n: int, piece: Piece, result: UnitResult) -> list:
+    def _arena_bytes(self, unit: Unit) -> int:
+        """The unit's input bytes, each input rounded up to ALIGN."""
+        total = 0
+        for piece in unit.pieces:
+            tensor = self.context.tensors[piece.tensor]
+            for source in tensor.sources:
+                have = self._rows_held(source, piece)
+                total += -(-(have * itemsize(source.dtype) * tensor.row_elements) // ALIGN) * ALIGN
+        return total
+
+    @staticmethod
+    def _rows_held(source, piece: Piece) -> int:
+        """The piece's rows this source has (fewer where its vocabulary is smaller)."""
+        return max(0, min(piece.row_end, rows_of(source.shape)[0]) - piece.row_start)
+
+    def _read_piece(self, slot: _Slot, piece: Piece, result: UnitResult) -> list:
         """The piece's rows of every input, in their stored dtypes, on the work device."""
         tensor = self.context.tensors[piece.tensor]
         rows = piece.row_end - piece.row_start
         row_elements = tensor.row_elements
         tensors = []
-        for position, source in enumerate(tensor.sources):
+        for source in tensor.sources:
             row_bytes = itemsize(source.dtype) * row_elements
-            have = max(0, min(piece.row_end, rows_of(source.shape)[0]) - piece.row_start)
-            raw = slot.buffer((n, position), have * row_bytes)
+            have = self._rows_held(source, piece)
+            raw = slot.carve(have * row_bytes)
             start = source.start + piece.row_start * row_bytes
             if raw.numel():
                 self.sources[source.input].readinto(source.file, start, memoryview(raw.numpy()))

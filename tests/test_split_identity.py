@@ -24,18 +24,13 @@ from raymerge.runner import RunOptions, run_merge
 from raymerge.synth import SynthOptions, synthesize
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
-SPLITTING_MEMORY = 150 << 20  # TIES: a third of it is below one whole embedding's unit
-
 
 def splitting_memory(spec, checkpoints) -> int:
-    """A --worker-memory whose third holds one block of the vocab tensors but not all of
-    one (methods differ in scratch per element)."""
-    from raymerge.plan import UNITS_IN_MEMORY
-
+    """A --worker-memory that holds one block of the vocab tensors but not all of one
+    (methods differ in scratch per element)."""
     plan = make_plan(spec, checkpoints)
     tensor = next(t for t in plan.tensors if t.name == "lm_head.weight")
-    per_row = sum(tensor.bytes_per_row())
-    return UNITS_IN_MEMORY * per_row * max(tensor.block_rows, tensor.rows // 2)
+    return tensor.memory_per_row() * max(tensor.block_rows, tensor.rows // 2)
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +93,10 @@ def test_worker_count_does_not_change_split_bytes(ray_local, wide_models, tmp_pa
                           .replace("demo-out/models/", os.path.dirname(wide_models["base"]) + "/"))
     body["parameters"]["rescale"] = True
     spec = parse_spec(body, "c", str(tmp_path))
+    memory = splitting_memory(spec, [open_checkpoint(m.path) for m in spec.inputs])
     for workers in (1, 3):
-        run_merge(spec, str(tmp_path / f"w{workers}"), RunOptions(
-            progress=False, workers=workers, worker_memory=SPLITTING_MEMORY,
+        summary = run_merge(spec, str(tmp_path / f"w{workers}"), RunOptions(
+            progress=False, workers=workers, worker_memory=memory,
         ), log=lambda _: None)  # fmt: skip
+        assert len(summary.plan.split_tensors()) == 2
     assert same_bytes(tmp_path / "w1", tmp_path / "w3")
