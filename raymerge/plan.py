@@ -100,9 +100,9 @@ class OutputTensor:
         return io, 0 if self.op == "copy" else int(4 * row * self.scratch)
 
     def memory_per_row(self) -> int:
-        """What one row costs a worker's pipeline: its bytes in every stage, one scratch."""
-        io, scratch = self.bytes_per_row()
-        return UNITS_IN_MEMORY * io + scratch
+        """What one row may cost a worker: its bytes and its scratch in each of the pipeline's
+        slots (three units may be in a worker at once, each cut to a third of the budget)."""
+        return UNITS_IN_MEMORY * sum(self.bytes_per_row())
 
 
 @dataclass(frozen=True)
@@ -426,9 +426,10 @@ def _io_and_scratch(tensors: list[OutputTensor], pieces: list[Piece]) -> tuple[i
 
 
 def _cost(tensors: list[OutputTensor], pieces: list[Piece]) -> int:
-    """A unit's share of a worker's memory: in every pipeline slot, plus one scratch."""
+    """What a worker needs if all its pipeline slots held units like this one: then any
+    three units in flight (one merging) fit the budget."""
     io, scratch = _io_and_scratch(tensors, pieces)
-    return UNITS_IN_MEMORY * io + scratch
+    return UNITS_IN_MEMORY * (io + scratch)
 
 
 def _unit(index: int, part: Part, tensors: list[OutputTensor], shards: list[Shard],

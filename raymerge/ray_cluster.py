@@ -21,6 +21,9 @@ LOCAL_ENV = {
     # keeps a local Ray on 127.0.0.1 instead of every interface
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
+# glibc gives each thread that allocates its own malloc arena; a worker's fetch, merge and
+# write threads then keep freed buffers in three places (measured: +0.2 GiB per worker)
+WORKER_ENV = {"MALLOC_ARENA_MAX": "2"}
 CONNECT_TIMEOUT_S = 5.0  # for the probe of --address; Ray itself retries forever
 # the client's HTTP/2 connection preface and an empty SETTINGS frame (gRPC speaks HTTP/2)
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
@@ -39,6 +42,8 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     if not address:
         os.environ.update(LOCAL_ENV)
+        for key, value in WORKER_ENV.items():  # the local Ray's workers inherit these
+            os.environ.setdefault(key, value)
     import ray
 
     if ray.is_initialized():
