@@ -218,7 +218,7 @@ def format_plan(report: dict[str, Any]) -> str:
         f"bytes to write: {human(report['bytes_to_write'])}",
         f"memory per worker: at most {human(report['peak_worker_bytes'])} of data (bound "
         f"--worker-memory {human(report['worker_memory'])}) plus the fixed overhead of a "
-        "worker process (about 0.4 GiB)",
+        "worker process (about 0.5 GiB)",
     ]
     return "\n".join(lines)
 
