@@ -42,6 +42,9 @@ from raymerge.spec import MergeSpec
 WHOLE_TENSOR_LIMIT = 1 << 30
 # a worker's pipeline holds up to three units at once: merging, prefetched, being written
 UNITS_IN_MEMORY = 3
+# S3's multipart limits, which every write part respects (so any destination can take it)
+MAX_PART_BYTES = 5 << 30
+MAX_PARTS_PER_SHARD = 10_000
 
 
 @dataclass(frozen=True)
@@ -321,7 +324,13 @@ def _row_cuts(tensor: OutputTensor, step_bytes: int) -> list[int]:
 
 def _cut_parts(shards: list[Shard], tensors: list[OutputTensor], part_size: int) -> list[Part]:
     """Whole tensors per part (a tensor over WHOLE_TENSOR_LIMIT is cut at block boundaries),
-    each part at least `part_size` bytes except a shard's last; part 1 starts at byte 0."""
+    each part at least `part_size` bytes except a shard's last; part 1 starts at byte 0.
+    A part holds at most part_size + WHOLE_TENSOR_LIMIT bytes, within S3's 5 GiB."""
+    if part_size + WHOLE_TENSOR_LIMIT > MAX_PART_BYTES:
+        raise ConfigError(
+            f"part_size {human(part_size)} is too large: a write part may then exceed S3's "
+            f"5 GiB; use at most {human(MAX_PART_BYTES - WHOLE_TENSOR_LIMIT)}"
+        )
     parts: list[Part] = []
     for index, shard in enumerate(shards):
         start, number = 0, 1
@@ -336,6 +345,13 @@ def _cut_parts(shards: list[Shard], tensors: list[OutputTensor], part_size: int)
                     start, number = end, number + 1
         if start < shard.size or number == 1:
             parts.append(Part(index, number, start, shard.size))
+            number += 1
+        if number - 1 > MAX_PARTS_PER_SHARD:
+            raise ConfigError(
+                f"shard {shard.name} would be written in {number - 1} parts of "
+                f"{human(part_size)}, more than S3's {MAX_PARTS_PER_SHARD}; raise part_size "
+                f"to at least {human(-(-shard.size // MAX_PARTS_PER_SHARD))} or lower shard_size"
+            )
     return parts
 
 

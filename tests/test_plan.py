@@ -87,6 +87,17 @@ def test_a_method_that_cannot_split_refuses_a_tensor_over_the_budget(tmp_path, m
     make_plan(spec, checkpoints, worker_memory=1 << 30)  # fits whole: fine
 
 
+def test_write_parts_stay_within_s3_limits(models, tmp_path, monkeypatch):
+    import raymerge.plan
+
+    monkeypatch.setattr(raymerge.plan, "MAX_PARTS_PER_SHARD", 3)  # S3 allows 10,000
+    with pytest.raises(ConfigError, match="more than S3's 3; raise part_size to at least"):
+        plan_for(models, tmp_path, shard_size=10**9, part_size=1)
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="may then exceed S3's 5 GiB"):
+        plan_for(models, tmp_path, part_size="4.5GiB")
+
+
 def test_plan_is_deterministic_and_names_sorted(models, tmp_path):
     _, a = plan_for(models, tmp_path)
     _, b = plan_for(models, tmp_path)
