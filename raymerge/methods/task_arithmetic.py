@@ -25,7 +25,8 @@ from raymerge.methods.base import (
 
 # apply(delta, this model's parameters, inputs, the model's position among the inputs)
 # -> the trimmed delta, or the boolean mask of the entries kept (None: all), which saves
-# two passes over the tensor. A trim never writes into `delta`. With `inputs.facts` None
+# two passes over the tensor. A trim may write into `delta` only without `rescale` (then
+# nothing reads it afterwards: the combine starts from the inputs). With `inputs.facts` None
 # the rows held are the whole tensor (a trim may select over them directly); otherwise the
 # trim's rounds have gathered what it needs of the whole tensor into the facts.
 TrimFn = Callable[["torch.Tensor", dict[str, Any], MergeInputs, int], "torch.Tensor | None"]

@@ -31,7 +31,10 @@ def magnitude_trim(
     if params["density"] >= 1:
         return None
     if inputs.facts is None:  # the whole tensor is here: select over it at once
-        magnitude = delta.float().abs().reshape(-1)  # fp32 magnitudes, as the rounds see them
+        # fp32 magnitudes, as the rounds see them; without rescale nothing reads delta
+        # again (the combine starts from the inputs), so |delta| may take its place
+        rescale = inputs.shared.get("rescale") or delta.dtype != torch.float32
+        magnitude = (delta.float().abs() if rescale else delta.abs_()).reshape(-1)
         k = sparsify.keep_count(params["density"], magnitude.numel())
         return sparsify.top_k_mask(magnitude, k, non_negative=True).reshape(delta.shape)
     group = _group_of(inputs.shared)(inputs, position)
