@@ -197,6 +197,21 @@ class FactRound:
     needed: Callable[[dict[str, Any]], bool] | None = None
 
 
+# elements a float fact sum takes at a time: torch splits a reduction across threads only
+# above its grain size (32768), so each chunk's sum is the same for any thread count
+SUM_CHUNK = 1 << 15
+
+
+def float_sum(values: torch.Tensor) -> float:
+    """sum(values) in float64, the same for any torch thread count: chunks of SUM_CHUNK
+    elements, each summed on one thread, added in order."""
+    flat = values.reshape(-1)
+    total = 0.0
+    for lo in range(0, flat.numel(), SUM_CHUNK):
+        total += float(flat[lo : lo + SUM_CHUNK].sum(dtype=torch.float64))
+    return total
+
+
 def add_stats(total: dict, stats: dict) -> dict:
     """Fold `stats` into `total` (see FactRound): ints and arrays add, lists concatenate."""
     for key, value in stats.items():

@@ -26,7 +26,7 @@ import numpy as np
 
 from raymerge.lazy import torch
 from raymerge.methods import selection, sparsify, task_arithmetic
-from raymerge.methods.base import FactRound, MergeInputs, MergeMethod, Param, rows_of
+from raymerge.methods.base import FactRound, MergeInputs, MergeMethod, Param, float_sum, rows_of
 
 GROUP = "variance"
 
@@ -123,7 +123,7 @@ def _energy_sums(inputs: MergeInputs, deltas: list[torch.Tensor]) -> dict:
     for i, delta in enumerate(deltas):
         flat = delta.reshape(-1)
         sums[str(i)] = [
-            float(flat[lo * step : hi * step].double().square().sum())
+            float_sum(flat[lo * step : hi * step].double().square())
             for _, lo, hi in inputs.blocks()
         ]
     return {"energy": sums}

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from raymerge.lazy import torch
-from raymerge.methods.base import CPU_CHUNK, MergeInputs, rows_of
+from raymerge.methods.base import CPU_CHUNK, MergeInputs, float_sum, rows_of
 
 # elements per chunk of the fact sums on CPUs: 2 MiB of fp64 scratch a vector rather than a
 # block's 8 MiB, in few torch calls a block (many small ones stall on busy threads)
@@ -42,7 +42,7 @@ def dots(parts: Iterable[list[torch.Tensor]], pairs: list[tuple[int, int]]) -> l
     for vectors in parts:
         # fresh copies: the sums never depend on where a block starts in memory
         wide = [v.reshape(-1).to(torch.float64, copy=True) for v in vectors]
-        total = [s + float((wide[i] * wide[j]).sum()) for s, (i, j) in zip(total, pairs)]
+        total = [s + float_sum(wide[i] * wide[j]) for s, (i, j) in zip(total, pairs)]
     return total
 
 

@@ -21,6 +21,7 @@ from raymerge.methods.base import (
     MergeMethod,
     Param,
     compute_dtype,
+    float_sum,
 )  # fmt: skip
 
 # apply(delta, this model's parameters, inputs, the model's position among the inputs)
@@ -80,12 +81,12 @@ def _factor(inputs: MergeInputs, delta, kept, group: str) -> float | None:
 
 def _block_l1(delta, kept) -> tuple[float, float]:
     """sum |delta| and sum |trimmed delta| over one block, in float64."""
-    before = float(delta.abs().sum(dtype=torch.float64))
+    before = float_sum(delta.abs())
     if kept is None:
         return before, before
     if kept.dtype == torch.bool:
-        return before, float((delta.abs() * kept).sum(dtype=torch.float64))
-    return before, float(kept.abs().sum(dtype=torch.float64))
+        return before, float_sum(delta.abs() * kept)
+    return before, float_sum(kept.abs())
 
 
 def _ratio(before: list[float], after: list[float]) -> float | None:
