@@ -27,7 +27,7 @@ def scopes(plan: Plan, method: MergeMethod) -> dict[int, str]:
     split = set(plan.split_tensors())
     chosen = {}
     for index, tensor in enumerate(plan.tensors):
-        if tensor.op != "merge" or not method.fact_rounds(tensor.shared):
+        if tensor.op != "merge" or not method.fact_rounds(tensor.shared, len(tensor.shape)):
             continue
         if method.spans_model(tensor.shared):
             chosen[index] = MODEL_SCOPE
@@ -57,7 +57,7 @@ def _gather(pool, plan: Plan, method: MergeMethod, scope_of: dict[int, str], log
     meta: dict[str, MergeInputs] = {}
     for index, scope in scope_of.items():
         tensor = plan.tensors[index]
-        rounds.setdefault(scope, method.fact_rounds(tensor.shared))
+        rounds.setdefault(scope, method.fact_rounds(tensor.shared, len(tensor.shape)))
         meta.setdefault(scope, MergeInputs(
             tensor.name, [], tensor.base, tensor.shared, list(tensor.per_input), plan.seed,
             tensor.shape, 0, None, tuple(s.input for s in tensor.sources),

@@ -152,7 +152,8 @@ class UnitRunner:
                 if piece.tensor not in wanted:
                     continue
                 tensor = self.context.tensors[piece.tensor]
-                fact_round = self.method.fact_rounds(tensor.shared)[request["round"]]
+                rounds = self.method.fact_rounds(tensor.shared, len(tensor.shape))
+                fact_round = rounds[request["round"]]
                 with self._fetching:
                     slot.start_inputs(self._arena_bytes(unit))
                     tensors = self._read_piece(slot, piece, scratch)
@@ -279,7 +280,8 @@ class UnitRunner:
             out.copy_(target.view(torch.uint8))
 
     def _merge(self, tensor, piece, tensors, facts, expected, flat_start=None) -> torch.Tensor:
-        if not piece.whole and facts is None and self.method.fact_rounds(tensor.shared):
+        rounds = self.method.fact_rounds(tensor.shared, len(tensor.shape))
+        if not piece.whole and facts is None and rounds:
             raise MergeFailed(f"{tensor.name!r} is split but its prepare stage gave no facts")
         inputs = self._inputs(tensor, piece, tensors, facts)
         if flat_start is not None:  # a flat chunk: rows are elements of the flat tensor

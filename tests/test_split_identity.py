@@ -100,3 +100,20 @@ def test_worker_count_does_not_change_split_bytes(ray_local, wide_models, tmp_pa
         ), log=lambda _: None)  # fmt: skip
         assert len(summary.plan.split_tensors()) == 2
     assert same_bytes(tmp_path / "w1", tmp_path / "w3")
+
+
+def test_modes_that_need_no_facts_run_no_prepare_stage(wide_models, tmp_path):
+    """nuslerp per row and model_stock filter_wise need no whole-tensor fact for matrices:
+    their split matrices are merged without a prepare stage (and a read) first."""
+    from raymerge import stages
+
+    for name, parameters in (("nuslerp", {"nuslerp_flatten": False}),
+                             ("model_stock", {"filter_wise": True})):  # fmt: skip
+        path = os.path.join(os.path.dirname(CONFIGS[0]), f"{name}.yaml")
+        body = yaml.safe_load(open(config_for(path, wide_models, tmp_path)))
+        body.setdefault("parameters", {}).update(parameters)
+        spec = parse_spec(body, "c", str(tmp_path))
+        checkpoints = [open_checkpoint(m.path) for m in spec.inputs]
+        plan = make_plan(spec, checkpoints, splitting_memory(spec, checkpoints))
+        assert len(plan.split_tensors()) == 2
+        assert stages.scopes(plan, REGISTRY[name]) == {}, name

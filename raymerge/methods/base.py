@@ -281,8 +281,18 @@ class MergeMethod:
         merge in cache-sized chunks, which is several times faster on CPUs."""
         return self.locality == "elementwise"
 
-    def fact_rounds(self, shared: dict[str, Any]) -> tuple[FactRound, ...]:
-        return () if self.rounds is None else self.rounds(shared)
+    # facts_for(shared, ndim): whether a split tensor of that many dimensions needs the
+    # rounds at all (None: always; e.g. per-row modes need none for matrices)
+    facts_for: Callable[[dict[str, Any], int], bool] | None = None
+
+    def fact_rounds(self, shared: dict[str, Any], ndim: int | None = None) -> tuple[FactRound, ...]:
+        """The rounds a tensor needs first; with `ndim`, none where the method's mode for
+        such tensors needs no whole-tensor fact."""
+        if self.rounds is None:
+            return ()
+        if ndim is not None and self.facts_for is not None and not self.facts_for(shared, ndim):
+            return ()
+        return self.rounds(shared)
 
     def split_problem(self, ndim: int) -> str | None:
         """Why a tensor of `ndim` dimensions cannot be cut into row ranges (None: it can)."""

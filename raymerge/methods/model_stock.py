@@ -119,7 +119,8 @@ METHODS = (
         min_inputs=3,
         summary="base + t (mean_i x_i - base), t = N cos / (1 + (N - 1) cos)",
         locality="tensor",
-        # filter_wise needs no facts for matrices, but a vector's one row is the whole tensor
         rounds=lambda shared: ROUNDS,
+        # filter_wise needs no facts for matrices, but a vector's one row is the whole tensor
+        facts_for=lambda shared, ndim: not (shared["filter_wise"] and ndim >= 2),
     ),
 )

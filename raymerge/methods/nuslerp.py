@@ -162,7 +162,8 @@ METHODS = (
         summary="slerp of two models (or their task vectors) at t = w_2 / (w_1 + w_2)",
         check=check,
         locality="tensor",
-        # rows need no facts for matrices, but a vector is always interpolated whole
         rounds=lambda shared: ROUNDS,
+        # rows need no facts for matrices, but a vector is always interpolated whole
+        facts_for=lambda shared, ndim: _mode(shared, ndim) != "rows",
     ),
 )
