@@ -89,6 +89,14 @@ class OutputTensor:
         return rows_of(self.shape)[1]
 
     @property
+    def row_bytes(self) -> int:
+        return self.nbytes // max(1, self.rows)
+
+    def row_offset(self, row: int) -> int:
+        """Where row `row` starts in the shard (absolute); `rows` gives the tensor's end."""
+        return self.start + row * self.row_bytes
+
+    @property
     def block_rows(self) -> int:
         return block_rows(self.shape)
 
@@ -316,9 +324,8 @@ def _layout(groups: list[list[OutputTensor]]) -> tuple[list[Shard], list[OutputT
 
 def _row_cuts(tensor: OutputTensor, step_bytes: int) -> list[int]:
     """Block-aligned row boundaries inside `tensor`, about `step_bytes` of output apart."""
-    row_bytes = tensor.nbytes // max(1, tensor.rows)
     block = tensor.block_rows
-    step = max(block, (step_bytes // max(1, row_bytes)) // block * block)
+    step = max(block, (step_bytes // max(1, tensor.row_bytes)) // block * block)
     return list(range(step, tensor.rows, step))
 
 
@@ -337,8 +344,7 @@ def _cut_parts(shards: list[Shard], tensors: list[OutputTensor], part_size: int)
         for tensor in (t for t in tensors if t.shard == index):
             ends = [tensor.end]
             if tensor.nbytes > WHOLE_TENSOR_LIMIT:
-                row_bytes = tensor.nbytes // tensor.rows
-                ends = [tensor.start + r * row_bytes for r in _row_cuts(tensor, part_size)] + ends
+                ends = [tensor.row_offset(r) for r in _row_cuts(tensor, part_size)] + ends
             for end in ends:
                 if end - start >= part_size:
                     parts.append(Part(index, number, start, end))
@@ -392,8 +398,8 @@ def _pieces(
     spec: MergeSpec, index: int, tensor: OutputTensor, part: Part, memory: int | None
 ) -> list[Piece]:
     """The pieces of `tensor` inside `part`: the whole tensor when it fits, else row ranges."""
-    row_bytes = tensor.nbytes // max(1, tensor.rows)
-    first = max(0, (part.start - tensor.start) // max(1, row_bytes))
+    row_bytes = max(1, tensor.row_bytes)
+    first = max(0, (part.start - tensor.start) // row_bytes)
     last = tensor.rows if tensor.end <= part.end else (part.end - tensor.start) // row_bytes
     per_row = tensor.memory_per_row()
     whole_in_part = first == 0 and last == tensor.rows
@@ -453,8 +459,8 @@ def _unit(index: int, part: Part, tensors: list[OutputTensor], shards: list[Shar
     """A unit covering its pieces' bytes; the first unit of a part starts at the part."""
     if pieces:
         first, last = tensors[pieces[0].tensor], tensors[pieces[-1].tensor]
-        start = first.start + pieces[0].row_start * (first.nbytes // max(1, first.rows))
-        end = last.start + pieces[-1].row_end * (last.nbytes // max(1, last.rows))
+        start = first.row_offset(pieces[0].row_start)
+        end = last.row_offset(pieces[-1].row_end)
     else:
         start = end = part.end
     if start <= shards[part.shard].header_size:

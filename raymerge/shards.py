@@ -70,9 +70,7 @@ class ShardBook:
             return False
         for tensor, row_start, row_end, crc in record["checksums"]:
             t = self.plan.tensors[tensor]
-            row_bytes = t.nbytes // max(1, t.rows)
-            lo = t.start + row_start * row_bytes - unit.start
-            hi = t.start + row_end * row_bytes - unit.start
+            lo, hi = t.row_offset(row_start) - unit.start, t.row_offset(row_end) - unit.start
             if checksum(memoryview(data)[lo:hi]) != crc:
                 return False
         return True
@@ -97,7 +95,6 @@ class ShardBook:
         sums = {}
         for index, parts in pieces.items():
             t = self.plan.tensors[index]
-            row_bytes = t.nbytes // max(1, t.rows)
             parts.sort()
-            sums[t.name] = join([(crc, (hi - lo) * row_bytes) for lo, hi, crc in parts])
+            sums[t.name] = join([(crc, (hi - lo) * t.row_bytes) for lo, hi, crc in parts])
         return sums

@@ -249,9 +249,8 @@ class UnitRunner:
         view = out.numpy()
         for piece, tensors in zip(unit.pieces, inputs):
             tensor = self.context.tensors[piece.tensor]
-            row_bytes = tensor.nbytes // max(1, tensor.rows)
-            lo = tensor.start + piece.row_start * row_bytes - unit.start
-            hi = tensor.start + piece.row_end * row_bytes - unit.start
+            lo = tensor.row_offset(piece.row_start) - unit.start
+            hi = tensor.row_offset(piece.row_end) - unit.start
             target = out[lo:hi]
             if tensor.op == "copy":
                 target.copy_(tensors[0].reshape(-1).view(torch.uint8))
