@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -33,6 +34,7 @@ LOCK = f"{STATE_DIR}/lock.json"
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 60.0  # a lock whose heartbeat is older belongs to a dead driver
 _HELD: set[str] = set()  # lock tokens this process holds now
+SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors(\.partial)?")
 
 
 def _load(text: str | None) -> dict | None:
@@ -232,9 +234,7 @@ class Ledger:
 
 
 def _looks_like_shard(entry: str) -> bool:
-    import re
-
-    return re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors(\.partial)?", entry) is not None
+    return SHARD_PATTERN.fullmatch(entry) is not None
 
 
 def _well_formed(checksums: Any, unit: Unit) -> bool:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from raymerge import stages
-from raymerge.checkpoint import TOKENIZER_FILES, Checkpoint, open_checkpoint
+from raymerge.checkpoint import CONFIG_FILES, TOKENIZER_FILES, Checkpoint, open_checkpoint
 from raymerge.index import COMPLETE, HF_INDEX, TENSOR_INDEX, hf_index, table_bytes, tensor_table
 from raymerge.ledger import Ledger, check_not_an_input
 from raymerge.methods import REGISTRY
@@ -30,7 +30,7 @@ from raymerge.spec import MergeSpec
 from raymerge.storage import check_writable_destination, open_destination
 from raymerge.worker import WorkContext
 
-SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+SIDE_FILES = (*CONFIG_FILES, *TOKENIZER_FILES)
 
 
 @dataclass

@@ -147,7 +147,8 @@ class UnitRunner:
         stats: dict[int, dict] = {}
         wanted = request["facts"]
         with self._slot() as slot:
-            scratch = UnitResult(unit.key, unit.index, [])
+            discarded = UnitResult(unit.key, unit.index, [])  # byte counts nobody reads
+            slot.start_inputs(self._arena_bytes(unit))
             for piece in unit.pieces:
                 if piece.tensor not in wanted:
                     continue
@@ -155,8 +156,7 @@ class UnitRunner:
                 rounds = self.method.fact_rounds(tensor.shared, len(tensor.shape))
                 fact_round = rounds[request["round"]]
                 with self._fetching:
-                    slot.start_inputs(self._arena_bytes(unit))
-                    tensors = self._read_piece(slot, piece, scratch)
+                    tensors = self._read_piece(slot, piece, discarded)
                 facts = wanted[piece.tensor]
                 inputs = self._inputs(tensor, piece, tensors, facts)
                 total: dict = {}
@@ -262,6 +262,10 @@ class UnitRunner:
     def _merge_into(self, tensor: OutputTensor, piece: Piece, tensors: list, facts,
                     out: torch.Tensor) -> None:  # fmt: skip
         target = _typed_view(out, tensor.dtype)
+        if not piece.whole and facts is None and self.method.fact_rounds(
+            tensor.shared, len(tensor.shape)
+        ):
+            raise MergeFailed(f"{tensor.name!r} is split but its prepare stage gave no facts")
         rows = piece.row_end - piece.row_start
         shape = (rows, *tensor.shape[1:]) if tensor.shape else ()
         chunked = self.method.elementwise and self.method.rounds is None and self.chunk
@@ -279,9 +283,6 @@ class UnitRunner:
             out.copy_(target.view(torch.uint8))
 
     def _merge(self, tensor, piece, tensors, facts, expected, flat_start=None) -> torch.Tensor:
-        rounds = self.method.fact_rounds(tensor.shared, len(tensor.shape))
-        if not piece.whole and facts is None and rounds:
-            raise MergeFailed(f"{tensor.name!r} is split but its prepare stage gave no facts")
         inputs = self._inputs(tensor, piece, tensors, facts)
         if flat_start is not None:  # a flat chunk: rows are elements of the flat tensor
             inputs = dataclasses.replace(inputs, shape=(math.prod(tensor.shape),),
