@@ -82,8 +82,8 @@ def open_checkpoint(uri: str) -> Checkpoint:
     """Open `uri` (folder or .safetensors file), reading and validating headers only, and
     config.json if there is one (so a broken one stops a merge before any weight is read)."""
     if uri_scheme(uri) is not None:
-        open_source(uri)  # raises ConfigError: only local checkpoints are supported yet
-    if uri.endswith(".safetensors") and os.path.isfile(uri):
+        source, files, weight_map = _locate_remote(uri)
+    elif uri.endswith(".safetensors") and os.path.isfile(uri):
         source = open_source(os.path.dirname(os.path.abspath(uri)))
         files = [os.path.basename(uri)]
         weight_map = None
@@ -120,6 +120,24 @@ def open_checkpoint(uri: str) -> Checkpoint:
     checkpoint = Checkpoint(uri, source, tensors, files, fingerprints)
     checkpoint.read_json("config.json")
     return checkpoint
+
+
+def _locate_remote(uri: str) -> tuple[Source, list[str], dict[str, str] | None]:
+    """An object-store checkpoint: one .safetensors object, or a prefix holding a checkpoint's
+    files (found with one listing)."""
+    source = open_source(uri.rstrip("/"))
+    if uri.endswith(".safetensors"):
+        folder, _, file = source.root.rpartition("/")
+        parent = open_source(folder)
+        if parent.exists(file):
+            return parent, [file], None
+    if not source.list():
+        raise ConfigError(
+            f"checkpoint {shown(uri)}: nothing is stored under this prefix; give the prefix "
+            "that holds the checkpoint's *.safetensors files (s3://bucket/path/to/model)"
+        )
+    files, weight_map = _find_shards(source)
+    return source, files, weight_map
 
 
 def _find_shards(source: Source) -> tuple[list[str], dict[str, str] | None]:

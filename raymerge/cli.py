@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from raymerge.errors import RaymergeError
+from raymerge.layouts import LAYOUTS as LAYOUT_NAMES
 from raymerge.sizes import human
 
 
@@ -60,6 +61,26 @@ def _overrides(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def _s3_endpoint_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--s3-endpoint, applied to this process's S3 clients before the command runs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, s3_endpoint: str | None = None, **kwargs: Any) -> Any:
+        from raymerge.storage import s3
+
+        s3.configure(s3.S3Settings.resolve(s3_endpoint))
+        return fn(*args, **kwargs)
+
+    return S3_ENDPOINT(wrapper)
+
+
+S3_ENDPOINT = click.option(
+    "--s3-endpoint",
+    help="endpoint URL of an S3-compatible store (MinIO, Ceph, R2); default: "
+    "AWS_ENDPOINT_URL, else AWS S3",
+)
+
+
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("out")
@@ -87,6 +108,15 @@ def _overrides(**kwargs: Any) -> dict[str, Any]:
 @click.option("--force", is_flag=True, help="overwrite raymerge's files in a non-empty OUT")
 @click.option("--fsync", is_flag=True, help="flush every shard to disk before it is committed")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
+@click.option(
+    "--allow-local-destination", is_flag=True,
+    help="on a multi-node cluster, OUT is a local path every node shares (NFS, Lustre, ...)",
+)  # fmt: skip
+@click.option(
+    "--s3-retry-mode", type=click.Choice(["standard", "adaptive"]),
+    help="botocore's retry mode for S3 (default: AWS_RETRY_MODE, else standard)",
+)  # fmt: skip
+@S3_ENDPOINT
 @_guard
 def run(
     config: str,
@@ -103,8 +133,11 @@ def run(
     force: bool,
     fsync: bool,
     no_progress: bool,
+    allow_local_destination: bool,
+    s3_retry_mode: str | None,
+    s3_endpoint: str | None,
 ) -> None:
-    """Merge the models in CONFIG into the folder OUT."""
+    """Merge the models in CONFIG into the folder (or s3://bucket/prefix) OUT."""
     from raymerge.config import load_spec
     from raymerge.runner import RunOptions, run_merge
     from raymerge.sizes import parse_size
@@ -123,6 +156,9 @@ def run(
         fsync=fsync,
         progress=not no_progress,
         worker_memory=parse_size(worker_memory, "--worker-memory") if worker_memory else None,
+        s3_retry_mode=s3_retry_mode,
+        s3_endpoint=s3_endpoint,
+        allow_local_destination=allow_local_destination,
     )
     summary = run_merge(spec, out, options, log=lambda line: click.echo(line, err=True))
     for line in summary.lines():
@@ -137,20 +173,38 @@ def run(
 @click.option("--workers", type=click.IntRange(min=1), help="workers the default memory is for")
 @click.option("--dtype", help="output dtype; overrides the config")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option(
+    "--layout", type=click.Choice(list(LAYOUT_NAMES)),
+    help="take every model of CONFIG as a virtual checkpoint of this architecture (real "
+    "tensor names and shapes, no files): plan a merge of models you do not have",
+)  # fmt: skip
+@click.option(
+    "--scale", type=click.IntRange(min=1), default=None,
+    help="with --layout: divide every width by this (same tensor names and count)",
+)  # fmt: skip
 @_guard
+@_s3_endpoint_option
 def plan(
     config: str, shard_size: str | None, part_size: str | None, worker_memory: str | None,
-    workers: int | None, dtype: str | None, as_json: bool,
+    workers: int | None, dtype: str | None, as_json: bool, layout: str | None,
+    scale: int | None,
 ) -> None:  # fmt: skip
     """Show the plan for CONFIG without reading any weights."""
     from raymerge.checkpoint import open_checkpoint
     from raymerge.config import load_spec
+    from raymerge.errors import ConfigError
     from raymerge.methods import REGISTRY
     from raymerge.plan import make_plan
     from raymerge.runner import default_worker_memory
     from raymerge.sizes import parse_size
 
-    spec = load_spec(config, _overrides(shard_size=shard_size, part_size=part_size, dtype=dtype))
+    overrides = _overrides(shard_size=shard_size, part_size=part_size, dtype=dtype)
+    if layout is not None:
+        spec = _virtual_spec(config, overrides, layout, scale or 1)
+    elif scale is not None:
+        raise ConfigError("--scale divides the widths of a --layout; give --layout NAME too")
+    else:
+        spec = load_spec(config, overrides)
     checkpoints = [open_checkpoint(m.path) for m in spec.inputs]
     memory = (
         parse_size(worker_memory, "--worker-memory")
@@ -196,6 +250,15 @@ def plan(
     click.echo(format_plan(report))
 
 
+def _virtual_spec(config: str, overrides: dict[str, Any], layout: str, scale: int):
+    """CONFIG with every model reference read as virtual://LAYOUT/<reference>?scale=N."""
+    from raymerge.config import _load_yaml, parse_spec
+    from raymerge.layouts import virtual_config
+
+    data = virtual_config(_load_yaml(config), layout, scale)
+    return parse_spec(data, config, os.path.dirname(os.path.abspath(config)), overrides)
+
+
 def format_plan(report: dict[str, Any]) -> str:
     lines = [f"method: {report['method']}", "inputs:"]
     for item in report["inputs"]:
@@ -227,8 +290,10 @@ def format_plan(report: dict[str, Any]) -> str:
 @click.argument("checkpoint")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @_guard
+@_s3_endpoint_option
 def inspect(checkpoint: str, as_json: bool) -> None:
-    """List the tensors of CHECKPOINT (folder or .safetensors file) from its headers."""
+    """List the tensors of CHECKPOINT (folder, .safetensors file or s3:// prefix) from its
+    headers."""
     from raymerge.checkpoint import open_checkpoint
     from raymerge.mapping import natural_key
 
@@ -267,8 +332,10 @@ def inspect(checkpoint: str, as_json: bool) -> None:
 @main.command()
 @click.argument("out")
 @_guard
+@_s3_endpoint_option
 def verify(out: str) -> None:
-    """Recheck every tensor of a merge output in OUT against its tensors.parquet."""
+    """Recheck every tensor of a merge output in OUT (folder or s3:// prefix) against its
+    tensors.parquet."""
     from raymerge.errors import CheckpointError
     from raymerge.index import verify as verify_output
 

@@ -214,11 +214,22 @@ class _Reader:
             )
             return None
         scheme = uri_scheme(ref)
+        if scheme == "s3":
+            return ref.rstrip("/")  # opened (and checked) with the other inputs
+        if scheme == "virtual":  # a named layout without files (storage/virtual.py)
+            from raymerge.storage.virtual import parse_uri
+
+            try:
+                parse_uri(ref)
+            except ConfigError as exc:
+                self.errors.append(f"{where}: {exc}")
+                return None
+            return ref.rstrip("/")
         if scheme is not None:
             self.errors.append(
-                f"{where}: {shown(ref)}: {scheme}:// models are not supported yet; raymerge "
-                "reads local checkpoint folders and .safetensors files (download the model "
-                "first, e.g. with `huggingface-cli download`)"
+                f"{where}: {shown(ref)}: {scheme}:// models are not supported; raymerge "
+                "reads local checkpoint folders, .safetensors files and s3://bucket/prefix "
+                "(download other models first, e.g. with `huggingface-cli download`)"
             )
             return None
         if "+" in ref and not os.path.exists(ref):

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from raymerge.errors import CheckpointError, shown
 from raymerge.plan import Plan
 from raymerge.safetensors_format import read_header
-from raymerge.storage import open_source
+from raymerge.storage import is_remote, open_source
 
 HF_INDEX = "model.safetensors.index.json"
 TENSOR_INDEX = "tensors.parquet"
@@ -93,14 +93,14 @@ def verify(out: str) -> VerifyReport:
     in `out`, and each row's dtype, shape and byte range must match the shard's own header.
     """
     source = open_source(out)
-    if not os.path.isdir(out):
+    if not is_remote(out) and not os.path.isdir(out):
         raise CheckpointError(f"{out}: not a folder; give the output folder of `raymerge run`")
     if not source.exists(TENSOR_INDEX):
         raise CheckpointError(
             f"{out}: no {TENSOR_INDEX}; this is not a complete raymerge output "
             "(an unfinished run? rerun `raymerge run` with the same config to resume)"
         )
-    rows = _read_tensor_index(source)
+    rows = read_tensor_index(source)
     problems: list[str] = []
     if not source.exists(COMPLETE):
         problems.append(f"{COMPLETE} marker is missing: the run did not finish")
@@ -108,7 +108,7 @@ def verify(out: str) -> VerifyReport:
     headers: dict[str, dict | None] = {}
     listed: dict[str, set[str]] = {}
     for number, row in enumerate(rows):
-        problem = _row_problem(row)
+        problem = row_problem(row)
         if problem:
             problems.append(f"{TENSOR_INDEX} row {number}: {problem}")
             continue
@@ -149,7 +149,7 @@ def verify(out: str) -> VerifyReport:
     return VerifyReport(len(rows), len(headers), checked, problems)
 
 
-def _read_tensor_index(source) -> list[dict]:
+def read_tensor_index(source) -> list[dict]:
     """tensors.parquet's rows, after checking it is Parquet with the columns verify needs."""
     where = source.describe(TENSOR_INDEX)
     size = source.size(TENSOR_INDEX)
@@ -185,7 +185,7 @@ def _read_tensor_index(source) -> list[dict]:
     return table.select(list(VERIFY_COLUMNS)).to_pylist()
 
 
-def _row_problem(row: dict) -> str | None:
+def row_problem(row: dict) -> str | None:
     """What is wrong with one row's values, or None."""
     for column in ("name", "shard", "dtype", "checksum"):
         if not isinstance(row[column], str) or not row[column]:

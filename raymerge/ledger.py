@@ -49,12 +49,13 @@ def _load(text: str | None) -> dict | None:
 
 
 def check_not_an_input(out: str, inputs: list[str]) -> None:
-    """Refuse an output folder that is an input's folder or lies inside one."""
-    if "://" in out:
-        return
-    real_out = os.path.realpath(out)
+    """Refuse an output folder that is an input's folder or lies inside one (for URIs: the
+    same prefix, or one under it)."""
+    real_out = out.rstrip("/") if "://" in out else os.path.realpath(out)
     for root in inputs:
-        real_in = os.path.realpath(root)
+        if ("://" in root) != ("://" in out):
+            continue
+        real_in = root.rstrip("/") if "://" in root else os.path.realpath(root)
         if real_out == real_in or real_out.startswith(real_in.rstrip("/") + "/"):
             raise ConfigError(
                 f"output folder {out} is the input checkpoint {root} or lies inside it; "
@@ -171,12 +172,30 @@ class Ledger:
             owned |= {*CONFIG_FILES, *TOKENIZER_FILES}
             owned |= {e for e in self.destination.list() if _looks_like_shard(e)}
         owned |= {name + ".partial" for name in list(owned)}
+        self._abort_recorded_shards()
         for entry in self.destination.list():
             if entry.rstrip("/") in owned:
                 self.destination.remove(entry.rstrip("/"))
         for entry in self.destination.list_dir(STATE_DIR):
             if f"{STATE_DIR}/{entry}" != LOCK:
                 self.destination.remove(f"{STATE_DIR}/{entry.rstrip('/')}")
+
+    def _abort_recorded_shards(self) -> None:
+        """Drop the unfinished shards (S3: abort the multipart uploads) an earlier run's
+        ledger names, whatever merge it was."""
+        body = _load(self.destination.read_text(SHARD_TOKENS))
+        tokens = body.get("tokens") if body else None
+        if not isinstance(tokens, dict):
+            return
+        for name, token in tokens.items():
+            if isinstance(token, str) and token and _looks_like_shard(name):
+                self.destination.abort_shard(name, token)
+
+    def abort_unfinished(self) -> None:
+        """After a failure a rerun cannot resume (the config or an input must change): drop
+        every unfinished shard, so no upload is left open, and forget the shard tokens."""
+        self._abort_recorded_shards()
+        self.destination.remove(SHARD_TOKENS)
 
     # --- records -------------------------------------------------------------------------
 

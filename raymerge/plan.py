@@ -37,13 +37,15 @@ from raymerge.safetensors_format import TensorEntry, build_header
 from raymerge.sizes import human
 from raymerge.spec import MergeSpec
 
-# tensors larger than this are cut across write parts at block boundaries (an S3 part may
-# hold at most 5 GiB, and a part's bytes are produced together)
+# tensors larger than this (or than WHOLE_TENSOR_PARTS parts) are cut across write parts at
+# block boundaries: an S3 part may hold at most 5 GiB, and a part's bytes are sent together
 WHOLE_TENSOR_LIMIT = 1 << 30
+WHOLE_TENSOR_PARTS = 16
 # a worker's pipeline holds up to three units at once: merging, prefetched, being written
 UNITS_IN_MEMORY = 3
 # S3's multipart limits, which every write part respects (so any destination can take it)
 MAX_PART_BYTES = 5 << 30
+MIN_PART_BYTES = 5 << 20  # except a shard's last part
 MAX_PARTS_PER_SHARD = 10_000
 
 
@@ -135,6 +137,31 @@ class Part:
 
 
 @dataclass(frozen=True)
+class PartJob:
+    """The pending units of one write part, done by one worker in order: a store that takes a
+    part in one call (an S3 upload part) gets the part's bytes together."""
+
+    part: Part
+    units: tuple[Unit, ...]
+
+    @property
+    def key(self) -> str:
+        return f"part-{self.part.key}"
+
+    @property
+    def nbytes(self) -> int:
+        return self.part.nbytes
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(u.input_bytes for u in self.units)
+
+    @property
+    def label(self) -> str:
+        return f"part {self.part.number} of shard {self.part.shard + 1}"
+
+
+@dataclass(frozen=True)
 class Piece:
     """Rows [row_start, row_end) of one output tensor (all of it when `whole`)."""
 
@@ -200,14 +227,27 @@ class Plan:
     def bytes_to_read(self) -> int:
         return sum(src.end - src.start for t in self.tensors for src in t.sources)
 
-    def peak_worker_bytes(self) -> int:
+    def peak_worker_bytes(self, whole_parts: bool = False) -> int:
         """A bound on one worker's memory for data: every pipeline slot holding the largest
-        unit's inputs and output, plus the largest scratch of one merge."""
+        unit's inputs and output, plus the largest scratch of one merge. With `whole_parts`
+        (an S3 destination) a slot holds a whole part's output and one unit's inputs."""
         if not self.units:
             return 0
-        return UNITS_IN_MEMORY * max(u.io_bytes for u in self.units) + max(
-            u.scratch for u in self.units
-        )
+        scratch = max(u.scratch for u in self.units)
+        if not whole_parts:
+            return UNITS_IN_MEMORY * max(u.io_bytes for u in self.units) + scratch
+        slot = max(j.nbytes + max(u.input_bytes for u in j.units) for j in self.part_jobs())
+        return UNITS_IN_MEMORY * slot + scratch
+
+    def part_jobs(self, units: list[Unit] | None = None) -> list[PartJob]:
+        """`units` (default: all) grouped by the write part they lie in, in part order."""
+        by_part: dict[tuple[int, int], list[Unit]] = {}
+        for unit in self.units if units is None else units:
+            by_part.setdefault((unit.shard, unit.part), []).append(unit)
+        return [
+            PartJob(p, tuple(sorted(by_part[(p.shard, p.number)], key=lambda u: u.start)))
+            for p in self.parts if (p.shard, p.number) in by_part
+        ]  # fmt: skip
 
     def split_tensors(self) -> list[int]:
         """Indexes of the tensors cut across units."""
@@ -330,9 +370,10 @@ def _row_cuts(tensor: OutputTensor, step_bytes: int) -> list[int]:
 
 
 def _cut_parts(shards: list[Shard], tensors: list[OutputTensor], part_size: int) -> list[Part]:
-    """Whole tensors per part (a tensor over WHOLE_TENSOR_LIMIT is cut at block boundaries),
-    each part at least `part_size` bytes except a shard's last; part 1 starts at byte 0.
-    A part holds at most part_size + WHOLE_TENSOR_LIMIT bytes, within S3's 5 GiB."""
+    """Whole tensors per part (a tensor over WHOLE_TENSOR_LIMIT, or over WHOLE_TENSOR_PARTS
+    parts, is cut at block boundaries), each part at least `part_size` bytes except a
+    shard's last; part 1 starts at byte 0. A part holds at most part_size +
+    WHOLE_TENSOR_LIMIT bytes, within S3's 5 GiB."""
     if part_size + WHOLE_TENSOR_LIMIT > MAX_PART_BYTES:
         raise ConfigError(
             f"part_size {human(part_size)} is too large: a write part may then exceed S3's "
@@ -343,7 +384,7 @@ def _cut_parts(shards: list[Shard], tensors: list[OutputTensor], part_size: int)
         start, number = 0, 1
         for tensor in (t for t in tensors if t.shard == index):
             ends = [tensor.end]
-            if tensor.nbytes > WHOLE_TENSOR_LIMIT:
+            if tensor.nbytes > min(WHOLE_TENSOR_LIMIT, WHOLE_TENSOR_PARTS * part_size):
                 ends = [tensor.row_offset(r) for r in _row_cuts(tensor, part_size)] + ends
             for end in ends:
                 if end - start >= part_size:

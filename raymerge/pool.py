@@ -62,9 +62,24 @@ class _WorkerActor:
         _maybe_inject_fault(item)
         return self.runner.run(item, payload)
 
+    def run_part(self, item: Any, payload: Any = None) -> Any:
+        _maybe_inject_fault(item)
+        return self.runner.run_part(item, payload)
+
     def statistic(self, item: Any, payload: Any) -> Any:
         _maybe_inject_fault(item)
         return self.runner.statistic(item, payload)
+
+
+def _with_fault_hook(runtime_env: dict | None) -> dict | None:
+    """The driver's RAYMERGE_FAULT reaches the actors on any cluster (a cluster's workers do
+    not inherit the driver's environment)."""
+    fault = os.environ.get("RAYMERGE_FAULT")
+    if not fault:
+        return runtime_env
+    runtime_env = dict(runtime_env or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "RAYMERGE_FAULT": fault}
+    return runtime_env
 
 
 def _maybe_inject_fault(item: Any) -> None:
@@ -96,11 +111,13 @@ class WorkerPool:
             "num_cpus": options.cpus_per_worker,
             "num_gpus": options.gpus_per_worker,
             "max_concurrency": IN_FLIGHT_PER_WORKER + 1,
+            "scheduling_strategy": "SPREAD",  # one node's disk and NIC per few workers
         }
         if options.memory_per_worker:
             actor_options["memory"] = options.memory_per_worker
-        if options.runtime_env:
-            actor_options["runtime_env"] = options.runtime_env
+        runtime_env = _with_fault_hook(options.runtime_env)
+        if runtime_env:
+            actor_options["runtime_env"] = runtime_env
         self.actor_class = ray.remote(_WorkerActor).options(**actor_options)
         self.context_ref = ray.put(context)
         self.threads = max(1, int(options.cpus_per_worker))
@@ -167,8 +184,9 @@ class WorkerPool:
         retries = 0
         while queue or in_flight:
             self._admit(timeout=0)
+            limit = self._fair_share(len(queue) + len(in_flight))
             for actor_id in list(self.actors):
-                while load.get(actor_id, 0) < IN_FLIGHT_PER_WORKER and queue:
+                while load.get(actor_id, 0) < limit and queue:
                     item = self._next_for(queue, actor_id, avoid)
                     ref = getattr(self.actors[actor_id], call).remote(
                         item, None if payload is None else payload(item)
@@ -205,6 +223,12 @@ class WorkerPool:
                 continue
             retries += self._retry(item, failure, actor_id, queue, attempts, avoid)
         return retries
+
+    def _fair_share(self, remaining: int) -> int:
+        """Items one actor may hold: a pipeline's worth, but no more than its share of what
+        is left among the actors up or starting (a few items then go to several workers)."""
+        actors = max(1, len(self.actors) + len(self.starting))
+        return max(1, min(IN_FLIGHT_PER_WORKER, -(-remaining // actors)))
 
     def _deadline(self, item: Any) -> float:
         if self.options.deadline_s is not None:

@@ -35,7 +35,9 @@ _ADDRESS = re.compile(r"^(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})$
 
 @contextmanager
 def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[None]:
-    """Use the running Ray, connect to `address`, or start a local Ray (shut down after)."""
+    """Use the running Ray, connect to `address` (or RAY_ADDRESS, as `ray job submit` sets
+    it), or start a local Ray (shut down after)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         check_address(address)
     # Ray reads some of these when it is imported, so they are set first.
@@ -59,7 +61,9 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+            # "local": a new private Ray even when another runs on this machine (without it,
+            # ray.init() joins the newest local cluster it finds)
+            ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
     except (ConnectionError, ValueError) as exc:
         raise ConfigError(
             f"--address {address}: cannot connect to a Ray cluster there ({exc}); check the "
@@ -124,3 +128,17 @@ def cluster_resources() -> dict[str, float]:
     import ray
 
     return dict(ray.cluster_resources())
+
+
+def check_single_node(out: str) -> None:
+    """Refuse a local output folder on a cluster of several nodes: workers on other nodes
+    would write shards where the driver never sees them."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        raise ConfigError(
+            f"output {out} is a local path, but the Ray cluster has {len(nodes)} nodes and "
+            "workers on the others cannot write there; give an s3://bucket/prefix output, or "
+            "pass --allow-local-destination if the path is on a filesystem every node shares"
+        )

@@ -18,16 +18,18 @@ from dataclasses import dataclass, field
 
 from raymerge import stages
 from raymerge.checkpoint import CONFIG_FILES, TOKENIZER_FILES, Checkpoint, open_checkpoint
+from raymerge.errors import CheckpointError, ConfigError
 from raymerge.index import COMPLETE, HF_INDEX, TENSOR_INDEX, hf_index, table_bytes, tensor_table
 from raymerge.ledger import Ledger, check_not_an_input
 from raymerge.methods import REGISTRY
-from raymerge.plan import Plan, make_plan
+from raymerge.plan import MIN_PART_BYTES, Plan, make_plan
 from raymerge.pool import PoolOptions, WorkerPool
-from raymerge.ray_cluster import ray_session
+from raymerge.ray_cluster import check_single_node, ray_session
 from raymerge.shards import ShardBook
 from raymerge.sizes import human
 from raymerge.spec import MergeSpec
-from raymerge.storage import check_writable_destination, open_destination
+from raymerge.storage import check_writable_destination, is_remote, open_destination, s3
+from raymerge.storage.s3 import S3Settings
 from raymerge.worker import WorkContext
 
 SIDE_FILES = (*CONFIG_FILES, *TOKENIZER_FILES)
@@ -46,11 +48,14 @@ class RunOptions:
     fsync: bool = False
     worker_memory: int | None = None  # None: default_worker_memory(workers)
     item_deadline_s: float | None = None  # None: from each unit's size (pool.py)
+    s3_endpoint: str | None = None  # None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS
+    s3_retry_mode: str | None = None  # None: AWS_RETRY_MODE, else "standard"
+    allow_local_destination: bool = False  # a local OUT on a multi-node cluster is shared
 
-    def pool(self, plan: Plan) -> PoolOptions:
+    def pool(self, plan: Plan, whole_parts: bool) -> PoolOptions:
         return PoolOptions(
             self.workers, self.cpus_per_worker, self.gpus_per_worker, self.max_attempts,
-            self.runtime_env, memory_per_worker=plan.peak_worker_bytes() or None,
+            self.runtime_env, memory_per_worker=plan.peak_worker_bytes(whole_parts) or None,
             deadline_s=self.item_deadline_s,
         )  # fmt: skip
 
@@ -103,15 +108,20 @@ def run_merge(
     spec: MergeSpec, out: str, options: RunOptions, log: Callable[[str], None] = print
 ) -> RunSummary:
     started = time.perf_counter()
+    s3_settings = S3Settings.resolve(options.s3_endpoint, options.s3_retry_mode)
+    s3.configure(s3_settings)
     check_writable_destination(out)
-    out = out if "://" in out else os.path.abspath(out)
+    out = out if is_remote(out) else os.path.abspath(out)
+    destination = open_destination(out, options.fsync)
     checkpoints = [open_checkpoint(m.path) for m in spec.inputs]
     check_not_an_input(out, [c.source.root for c in checkpoints])
+    check_part_size(spec, destination)
     memory = options.worker_memory or default_worker_memory(options.workers)
     plan = make_plan(spec, checkpoints, memory)
     startup = time.perf_counter()
     with ray_session(options.address, _local_cpus(options)):  # before anything is written
-        destination = open_destination(out, options.fsync)
+        if not is_remote(out) and not options.allow_local_destination:
+            check_single_node(out)
         owned = [*(s.name for s in plan.shards), HF_INDEX, TENSOR_INDEX, COMPLETE, *SIDE_FILES]
         ledger = Ledger(destination, plan, owned)
         ledger.claim(options.force, log)
@@ -122,23 +132,41 @@ def run_merge(
             summary = RunSummary(out, plan, units_resumed=len(ledger.done))
             pending = [u for u in plan.units if u.key not in ledger.done]
             if pending:
-                _merge(plan, out, shards, ledger, pending, options, summary, log)
+                context = WorkContext(
+                    plan.method, plan.seed, plan.inputs, out, tuple(s.name for s in plan.shards),
+                    tuple(s.header for s in plan.shards), shards.tokens, plan.tensors,
+                    "cuda" if options.gpus_per_worker > 0 else "cpu", s3_settings,
+                )  # fmt: skip
+                _merge(plan, context, destination, shards, ledger, pending, options, summary,
+                       log)  # fmt: skip
             summary.seconds_startup = time.perf_counter() - startup - summary.seconds_merge
             _finish(destination, plan, spec, checkpoints, shards)
+        except (ConfigError, CheckpointError):
+            ledger.abort_unfinished()  # a rerun cannot resume: leave no upload open
+            raise
         finally:
             ledger.release()
     summary.seconds_total = time.perf_counter() - started
     return summary
 
 
-def _merge(plan, out, shards, ledger, pending, options, summary, log) -> None:
-    """Run the prepare stage (if any tensor needs one), then every pending unit."""
-    context = WorkContext(
-        plan.method, plan.seed, plan.inputs, out, tuple(s.name for s in plan.shards),
-        tuple(s.header for s in plan.shards), shards.tokens, plan.tensors,
-        "cuda" if options.gpus_per_worker > 0 else "cpu",
-    )  # fmt: skip
-    pool = WorkerPool(context, options.pool(plan), len(pending))  # returns once one is up
+def check_part_size(spec: MergeSpec, destination) -> None:
+    """S3 takes no upload part under 5 MiB but a shard's last."""
+    if destination.whole_parts and spec.part_size < MIN_PART_BYTES:
+        raise ConfigError(
+            f"part_size {human(spec.part_size)} is below S3's {human(MIN_PART_BYTES)} minimum "
+            f"for an upload part; use --part-size {human(MIN_PART_BYTES)} or more (default "
+            "64 MiB)"
+        )
+
+
+def _merge(plan, context, destination, shards, ledger, pending, options, summary,
+           log) -> None:  # fmt: skip
+    """Run the prepare stage (if any tensor needs one), then every pending unit (or, where
+    a part is sent in one call, every pending part's units together)."""
+    whole_parts = destination.whole_parts
+    items = plan.part_jobs(pending) if whole_parts else pending
+    pool = WorkerPool(context, options.pool(plan, whole_parts), len(items))  # once one is up
     try:
         merge_started = time.perf_counter()
         facts = stages.prepare(pool, plan, REGISTRY[plan.method], ledger, log)
@@ -162,8 +190,20 @@ def _merge(plan, out, shards, ledger, pending, options, summary, log) -> None:
             mine = {p.tensor: facts[p.tensor] for p in unit.pieces if p.tensor in facts}
             return mine or None
 
+        def merged_part(job, results) -> None:
+            for unit, result in zip(job.units, results):
+                merged(unit, result)
+
+        def job_facts(job) -> dict | None:
+            mine = {p.tensor: facts[p.tensor] for u in job.units for p in u.pieces
+                    if p.tensor in facts}  # fmt: skip
+            return mine or None
+
         try:
-            summary.retries = pool.map(pending, "run", merged, unit_facts)
+            if whole_parts:
+                summary.retries = pool.map(items, "run_part", merged_part, job_facts)
+            else:
+                summary.retries = pool.map(items, "run", merged, unit_facts)
         finally:
             if bar is not None:
                 bar.close()

@@ -3,7 +3,10 @@
 Each shard counts the units it still waits for, so recording a result is O(1); a shard is
 committed (renamed, or its upload completed) the moment its last unit is in. On resume,
 every unit an earlier run recorded is read back and its CRCs compared, committed shards
-included: a unit whose bytes are gone or differ, or cannot be read, is redone.
+included: a unit whose bytes are gone or differ, or cannot be read, is redone. Where parts
+cannot be read back (an S3 upload), the store's own list of parts is asked instead: a unit
+counts as written when its part is there with the ETag its record names, and a part is kept
+only whole.
 """
 
 from __future__ import annotations
@@ -49,23 +52,38 @@ class ShardBook:
             token, resumed = self.destination.begin_shard(
                 shard.name, shard.size, previous.get(shard.name)
             )
+            listed = self.destination.uploaded_parts(shard.name, token) if resumed else None
             for unit in units:
-                if unit.key in self.ledger.done and not (resumed and self._intact(token, unit)):
+                if unit.key in self.ledger.done and not (
+                    resumed and self._intact(token, unit, listed)
+                ):
                     self.ledger.forget(unit.key)
+            if self.destination.whole_parts:
+                self._forget_broken_parts(units)
             tokens.append(token)
         names = [s.name for s in self.plan.shards]
         self.ledger.write_shard_tokens(dict(zip(names, tokens)))
         return tuple(tokens), committed
 
-    def _intact(self, token: str, unit: Unit) -> bool:
+    def _forget_broken_parts(self, units: list[Unit]) -> None:
+        """A part is sent whole: when any of its units must be redone, all of them are."""
+        missing = {u.part for u in units if u.key not in self.ledger.done}
+        for unit in units:
+            if unit.part in missing:
+                self.ledger.forget(unit.key)
+
+    def _intact(self, token: str, unit: Unit, listed: dict[int, str] | None = None) -> bool:
         """Whether a recorded unit's bytes are still what its record says (a read error or a
-        short read is never intact)."""
+        short read is never intact); `listed`: the store's parts, where bytes cannot be read
+        back."""
         record = self.ledger.done.get(unit.key)
         if record is None:
             return False
+        if listed is not None:
+            return listed.get(unit.part) == record.get("receipt")
         data = self.destination.read_part(token, unit.start, unit.nbytes)
         if data is None:
-            return True  # not readable back: the store itself checked the part
+            return True  # a completed object: the store checked its parts when it took them
         if len(data) != unit.nbytes:
             return False
         for tensor, row_start, row_end, crc in record["checksums"]:
@@ -82,7 +100,9 @@ class ShardBook:
             self._commit(unit.shard)
 
     def _commit(self, shard: int) -> None:
-        receipts = [self.ledger.done[u.key].get("receipt", "") for u in self.units_of[shard]]
+        receipts = list(dict.fromkeys(  # one per part where units share their part's receipt
+            self.ledger.done[u.key].get("receipt", "") for u in self.units_of[shard]
+        ))  # fmt: skip
         self.destination.commit_shard(self.plan.shards[shard].name, self.tokens[shard], receipts)
         self.committed.add(shard)
 

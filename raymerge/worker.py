@@ -25,9 +25,10 @@ from raymerge.errors import MergeFailed
 from raymerge.lazy import torch
 from raymerge.methods import REGISTRY
 from raymerge.methods.base import CPU_CHUNK, MergeInputs, add_stats, rows_of
-from raymerge.plan import OutputTensor, Piece, Unit
-from raymerge.storage import open_destination, open_source
+from raymerge.plan import OutputTensor, PartJob, Piece, Unit
+from raymerge.storage import open_destination, open_source, s3
 from raymerge.storage.base import Destination, Source
+from raymerge.storage.s3 import S3Settings
 
 PIPELINE_DEPTH = 3  # units in a worker at once: fetching, merging, writing
 
@@ -45,6 +46,7 @@ class WorkContext:
     shard_tokens: tuple[str, ...]  # what Destination.write_part needs, per shard
     tensors: tuple[OutputTensor, ...]
     device: str = "cpu"
+    s3: S3Settings = S3Settings()  # how to reach S3 (never credentials: each node's own)
 
 
 @dataclass
@@ -98,6 +100,7 @@ class UnitRunner:
 
     def __init__(self, context: WorkContext) -> None:
         self.context = context
+        s3.configure(context.s3)
         self.sources: list[Source] = [open_source(root) for root in context.inputs]
         self.destination: Destination = open_destination(context.destination)
         self.device = torch.device(context.device)
@@ -115,31 +118,56 @@ class UnitRunner:
     def run(self, unit: Unit, facts: dict[int, dict] | None = None) -> UnitResult:
         """Merge `unit` (facts: per split tensor, what its prepare stage found) and write it."""
         with self._slot() as slot:
-            result = UnitResult(unit.key, unit.index, [])
-            with self._fetching:  # each stage's time is counted once it holds its lock
-                started = time.perf_counter()
-                slot.start_inputs(self._arena_bytes(unit))
-                inputs = [self._read_piece(slot, p, result) for p in unit.pieces]
-                result.seconds_read = time.perf_counter() - started
             out = slot.buffer("out", unit.nbytes)
-            with self._merging:
-                started = time.perf_counter()
-                self._arrived(inputs)
-                self._fill(unit, out, inputs, facts or {}, result)
-                result.seconds_merge = time.perf_counter() - started
-            del inputs
+            result = self._produce(slot, unit, out, facts)
             with self._writing:
                 started = time.perf_counter()
-                result.receipt = self.destination.write_part(
-                    self.context.shard_names[unit.shard],
-                    self.context.shard_tokens[unit.shard],
-                    unit.part,
-                    unit.start,
-                    out.numpy(),
-                )
+                result.receipt = self._write(unit.shard, unit.part, unit.start, out)
                 result.seconds_write = time.perf_counter() - started
-            result.bytes_written = unit.nbytes
             return result
+
+    def run_part(self, job: PartJob, facts: dict[int, dict] | None = None) -> list[UnitResult]:
+        """Merge every unit of one write part into one buffer, then send the part in one call
+        (an S3 upload part); each unit's result carries the part's receipt."""
+        part = job.part
+        with self._slot() as slot:
+            out = slot.buffer("part", part.nbytes)
+            covered = part.start
+            results = []
+            for unit in job.units:
+                if unit.start > covered:  # bytes no unit writes (padding): zeros, as on disk
+                    out[covered - part.start : unit.start - part.start].zero_()
+                target = out[unit.start - part.start : unit.end - part.start]
+                results.append(self._produce(slot, unit, target, facts))
+                covered = unit.end
+            if covered < part.end:
+                out[covered - part.start :].zero_()
+            started = time.perf_counter()  # uploads run side by side: no writing lock
+            receipt = self._write(part.shard, part.number, part.start, out)
+            for result in results:
+                result.receipt = receipt
+            results[-1].seconds_write = time.perf_counter() - started
+            return results
+
+    def _produce(self, slot: _Slot, unit: Unit, out: torch.Tensor, facts) -> UnitResult:
+        """Read the unit's inputs into the slot, merge them into `out`."""
+        result = UnitResult(unit.key, unit.index, [])
+        with self._fetching:  # each stage's time is counted once it holds its lock
+            started = time.perf_counter()
+            slot.start_inputs(self._arena_bytes(unit))
+            inputs = [self._read_piece(slot, p, result) for p in unit.pieces]
+            result.seconds_read = time.perf_counter() - started
+        with self._merging:
+            started = time.perf_counter()
+            self._arrived(inputs)
+            self._fill(unit, out, inputs, facts or {}, result)
+            result.seconds_merge = time.perf_counter() - started
+        result.bytes_written = unit.nbytes
+        return result
+
+    def _write(self, shard: int, part: int, offset: int, out: torch.Tensor) -> str:
+        name, token = self.context.shard_names[shard], self.context.shard_tokens[shard]
+        return self.destination.write_part(name, token, part, offset, out.numpy())
 
     def statistic(self, unit: Unit, request: dict[str, Any]) -> dict[int, dict]:
         """Round `request["round"]` of the fact rounds, for the unit's pieces of the tensors

@@ -8,11 +8,15 @@ import os
 os.environ.update(
     RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"
 )
+from tests.s3_support import set_test_credentials  # noqa: E402
+
+set_test_credentials()  # fixed fake AWS credentials, before Ray or boto3 start
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from raymerge.synth import SynthOptions, synthesize  # noqa: E402
+from tests.s3_support import cutting_proxy, s3_auth_server, s3_bucket, s3_server  # noqa: E402, F401
 
 RAY_CPUS = 4
 
@@ -23,6 +27,7 @@ def ray_local():
     import ray
 
     ray.init(
+        address="local",  # a private Ray, even when another cluster runs on this machine
         num_cpus=RAY_CPUS,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",

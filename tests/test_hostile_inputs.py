@@ -468,25 +468,25 @@ def test_verify_a_file_or_nothing(tmp_path):
 # --- 5. storage: URIs and unwritable destinations -----------------------------------------
 
 
-@pytest.mark.parametrize("uri", ["s3://bucket/out", "gs://b/o", "hf://org/model", "http://x/y"])
-def test_remote_uris_are_not_supported_yet(uri):
+@pytest.mark.parametrize("uri", ["gs://b/o", "hf://org/model", "http://x/y"])
+def test_other_uri_schemes_are_not_supported(uri):
     scheme = uri.split(":")[0]
-    with pytest.raises(ConfigError, match=f"{scheme}:// destinations are not supported yet"):
+    with pytest.raises(ConfigError, match=f"{scheme}:// destinations are not supported"):
         open_destination(uri)
-    with pytest.raises(ConfigError, match=f"{scheme}:// sources are not supported yet"):
+    with pytest.raises(ConfigError, match=f"{scheme}:// sources are not supported"):
         open_source(uri)
-    with pytest.raises(ConfigError, match="not supported yet"):
+    with pytest.raises(ConfigError, match="not supported"):
         check_writable_destination(uri)
-    with pytest.raises(ConfigError, match="not supported yet"):
+    with pytest.raises(ConfigError, match="not supported"):
         open_checkpoint(uri)
-    fails(invoke("inspect", uri), 2, uri, "not supported yet")
-    fails(invoke("verify", uri), 2, uri, "not supported yet")
+    fails(invoke("inspect", uri), 2, uri, "not supported")
+    fails(invoke("verify", uri), 2, uri, "not supported")
     assert not os.path.exists(uri.split("/")[0])
 
 
-def test_remote_model_in_a_config(models, tmp_path):
-    result = plan_of(tmp_path, linear_config("s3://bucket/model", models["model_1"]))
-    fails(result, 2, "models[0].model", "s3:// models are not supported yet")
+def test_other_remote_model_in_a_config(models, tmp_path):
+    result = plan_of(tmp_path, linear_config("gs://bucket/model", models["model_1"]))
+    fails(result, 2, "models[0].model", "gs:// models are not supported")
 
 
 def test_writable_destination_checks(tmp_path):

@@ -209,7 +209,7 @@ def test_unwritable_outputs_are_refused_before_anything_starts(models, tmp_path)
 
     config = write_config(tmp_path / "c.yaml", ties_config(models))
     (tmp_path / "file").write_text("x")
-    for out in (str(tmp_path / "file"), str(tmp_path / "file" / "sub"), "s3://bucket/out"):
+    for out in (str(tmp_path / "file"), str(tmp_path / "file" / "sub"), "s3:///out"):
         result = CliRunner().invoke(main, ["run", config, out, "--no-progress"])
         assert result.exit_code == 2, (out, result.output)
         assert isinstance(result.exception, SystemExit)

@@ -1,4 +1,4 @@
-"""Where bytes live: local folders now, S3-compatible object storage behind the same calls."""
+"""Where bytes live: local folders and S3-compatible object storage, behind the same calls."""
 
 from __future__ import annotations
 
@@ -20,24 +20,40 @@ def uri_scheme(uri: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
+def is_remote(uri: str) -> bool:
+    return uri_scheme(uri) is not None
+
+
 def open_source(uri: str) -> Source:
-    """A reader for the checkpoint or file at `uri`."""
+    """A reader for the checkpoint folder (or S3 prefix, or virtual model) at `uri`."""
     scheme = uri_scheme(uri)
+    if scheme == "s3":
+        from raymerge.storage.s3 import S3Source
+
+        return S3Source(uri)
+    if scheme == "virtual":  # a named layout's checkpoint without files (storage/virtual.py)
+        from raymerge.storage.virtual import VirtualSource
+
+        return VirtualSource(uri)
     if scheme is not None:
         raise ConfigError(
-            f"{shown(uri)}: {scheme}:// sources are not supported yet; raymerge reads local "
-            "folders and .safetensors files (download the checkpoint first)"
+            f"{shown(uri)}: {scheme}:// sources are not supported; raymerge reads local "
+            "folders, .safetensors files, s3://bucket/prefix and virtual://LAYOUT/MODEL"
         )
     return LocalSource(uri)
 
 
 def open_destination(uri: str, fsync: bool = False) -> Destination:
-    """A writer for the output folder at `uri`."""
+    """A writer for the output folder (or S3 prefix) at `uri`."""
     scheme = uri_scheme(uri)
+    if scheme == "s3":
+        from raymerge.storage.s3 import S3Destination
+
+        return S3Destination(uri)
     if scheme is not None:
         raise ConfigError(
-            f"{shown(uri)}: {scheme}:// destinations are not supported yet; give a local folder "
-            "(or one on a shared filesystem) as the output"
+            f"{shown(uri)}: {scheme}:// destinations are not supported; give a local folder "
+            "(or one on a shared filesystem) or s3://bucket/prefix as the output"
         )
     return LocalDestination(uri, fsync)
 
@@ -47,9 +63,13 @@ def check_writable_destination(uri: str) -> None:
 
     Run before anything is written. For a local path: `uri` is a folder or does not exist yet,
     its nearest existing ancestor is a folder, and a probe folder can be made (and is removed)
-    there, which catches read-only filesystems, /proc and permissions even for root.
+    there, which catches read-only filesystems, /proc and permissions even for root. For
+    s3://: the bucket exists and takes (and gives up) a probe object.
     """
-    open_destination(uri)  # refuses URIs of unsupported schemes
+    destination = open_destination(uri)  # refuses URIs of unsupported schemes
+    if uri_scheme(uri) is not None:
+        destination.check_writable()
+        return
     if not uri:
         raise ConfigError("the output folder is empty; give a folder path")
     path = os.path.abspath(uri)
@@ -85,6 +105,7 @@ __all__ = [
     "Destination",
     "Source",
     "check_writable_destination",
+    "is_remote",
     "open_destination",
     "open_source",
     "uri_scheme",

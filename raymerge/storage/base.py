@@ -38,6 +38,7 @@ class Source(Protocol):
 
 class Destination(Protocol):
     root: str
+    whole_parts: bool  # True: a part's bytes must be sent in one call (an S3 upload part)
 
     def describe(self, name: str) -> str: ...
 
@@ -79,8 +80,15 @@ class Destination(Protocol):
         where a store cannot read them back (an S3 upload's parts, which S3 itself checks)."""
         ...
 
+    def uploaded_parts(self, name: str, token: str) -> dict[int, str] | None:
+        """Part number -> receipt of the parts the store holds (S3's ListParts), or None
+        where parts are read back and checked instead."""
+        ...
+
     def commit_shard(self, name: str, token: str, receipts: list[str]) -> None:
         """Make the shard visible under its final name, once every part is in."""
         ...
 
-    def abort_shard(self, name: str, token: str) -> None: ...
+    def abort_shard(self, name: str, token: str) -> None:
+        """Drop an unfinished shard (remove its partial file, abort its upload)."""
+        ...

@@ -75,6 +75,8 @@ class LocalDestination:
     page cache, and a resumed run rechecks the parts it did not write itself.
     """
 
+    whole_parts = False  # units of one part may be written by different workers
+
     def __init__(self, root: str, fsync: bool = False) -> None:
         self.root = str(root)
         self.fsync = fsync
@@ -211,6 +213,9 @@ class LocalDestination:
         finally:
             os.close(fd)
 
+    def uploaded_parts(self, name: str, token: str) -> dict[int, str] | None:
+        return None  # a local shard's bytes are read back and checked instead
+
     def commit_shard(self, name: str, token: str, receipts: list[str]) -> None:
         if self.fsync:
             fd = os.open(token, os.O_RDONLY)
@@ -221,8 +226,10 @@ class LocalDestination:
         os.replace(token, self._path(name))
 
     def abort_shard(self, name: str, token: str) -> None:
-        if os.path.exists(token):
-            os.remove(token)
+        """Remove the shard's partial file (only ever that name, whatever `token` says)."""
+        path = self._path(name) + PARTIAL_SUFFIX
+        if token == path and os.path.lexists(path):
+            os.remove(path)
 
     def __reduce__(self):
         return (LocalDestination, (self.root, self.fsync))
