@@ -205,25 +205,43 @@ class Ledger:
         self.destination.write_file(RUN_RECORD, json.dumps(record, indent=2).encode())
         self.destination.write_file(PLAN_TABLE, plan_table)
 
-    def record(self, unit: Unit, result: Any) -> None:
-        body = {"digest": self.plan.digest, "key": unit.key, "shard": unit.shard,
-                "start": unit.start, "end": unit.end, "checksums": result.checksums,
-                "receipt": result.receipt}  # fmt: skip
-        self.destination.write_file(f"{UNIT_RECORDS}/{unit.key}.json", json.dumps(body).encode())
-        self.done[unit.key] = body
+    def record(self, units: list[Unit], results: list[Any]) -> None:
+        """Record finished units, one file for all of them (named by the first unit's key):
+        a batch of tiny units costs one write, not one per unit."""
+        bodies = [
+            {"digest": self.plan.digest, "key": unit.key, "shard": unit.shard,
+             "start": unit.start, "end": unit.end, "checksums": result.checksums,
+             "receipt": result.receipt}
+            for unit, result in zip(units, results)
+        ]  # fmt: skip
+        body = bodies[0] if len(bodies) == 1 else {"digest": self.plan.digest, "records": bodies}
+        self.destination.write_file(f"{UNIT_RECORDS}/{units[0].key}.json",
+                                    json.dumps(body).encode())  # fmt: skip
+        for unit, record in zip(units, bodies):
+            self.done[unit.key] = record
 
     def _read_unit_records(self) -> dict[str, dict]:
+        """Every well-formed record of this merge whose unit still has the same byte range
+        (a file holds one record, or a batch's)."""
+        units = {u.key: u for u in self.plan.units}
         done = {}
-        for unit in self.plan.units:
-            body = _load(self.destination.read_text(f"{UNIT_RECORDS}/{unit.key}.json"))
+        for name in self.destination.list_dir(UNIT_RECORDS):
+            if name.startswith(".") or not name.endswith(".json"):
+                continue  # a temporary file a killed driver left
+            body = _load(self.destination.read_text(f"{UNIT_RECORDS}/{name}"))
             if body is None or body.get("digest") != self.plan.digest:
                 continue
-            if (body.get("shard"), body.get("start"), body.get("end")) != (
-                unit.shard, unit.start, unit.end,
-            ):  # fmt: skip
-                continue  # cut differently (another --worker-memory): redo
-            if _well_formed(body.get("checksums"), unit):
-                done[unit.key] = body
+            records = body.get("records", [body])
+            for record in records if isinstance(records, list) else []:
+                unit = units.get(record.get("key")) if isinstance(record, dict) else None
+                if unit is None or record.get("digest") != self.plan.digest:
+                    continue
+                if (record.get("shard"), record.get("start"), record.get("end")) != (
+                    unit.shard, unit.start, unit.end,
+                ):  # fmt: skip
+                    continue  # cut differently (another --worker-memory): redo
+                if _well_formed(record.get("checksums"), unit):
+                    done[unit.key] = record
         return done
 
     def forget(self, key: str) -> None:

@@ -62,6 +62,10 @@ class _WorkerActor:
         _maybe_inject_fault(item)
         return self.runner.run(item, payload)
 
+    def run_batch(self, item: Any, payload: Any = None) -> Any:
+        _maybe_inject_fault(item)
+        return self.runner.run_batch(item, payload)
+
     def run_part(self, item: Any, payload: Any = None) -> Any:
         _maybe_inject_fault(item)
         return self.runner.run_part(item, payload)
@@ -83,14 +87,16 @@ def _with_fault_hook(runtime_env: dict | None) -> dict | None:
 
 
 def _maybe_inject_fault(item: Any) -> None:
-    """Test hook: RAYMERGE_FAULT=(raise|exit|hang):ITEM_KEY:MARKER_DIR fails that item once
-    (raises, kills the worker process, or never returns)."""
+    """Test hook: RAYMERGE_FAULT=(raise|exit|hang):KEY:MARKER_DIR fails the item with that
+    key (or holding the unit with that key) once: raises, kills the worker process, or
+    never returns."""
     spec = os.environ.get("RAYMERGE_FAULT")
     if not spec:
         return
     mode, key, marker_dir = spec.split(":", 2)
     marker = os.path.join(marker_dir, f"fault-{key}")
-    if item.key != key or os.path.exists(marker):
+    keys = {item.key, *(u.key for u in getattr(item, "units", ()))}  # a batch: any unit
+    if key not in keys or os.path.exists(marker):
         return
     with open(marker, "w") as f:
         f.write(str(os.getpid()))

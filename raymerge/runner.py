@@ -22,7 +22,7 @@ from raymerge.errors import CheckpointError, ConfigError
 from raymerge.index import COMPLETE, HF_INDEX, TENSOR_INDEX, hf_index, table_bytes, tensor_table
 from raymerge.ledger import Ledger, check_not_an_input
 from raymerge.methods import REGISTRY
-from raymerge.plan import MIN_PART_BYTES, Plan, make_plan
+from raymerge.plan import MIN_PART_BYTES, Plan, make_plan, unit_batches
 from raymerge.pool import PoolOptions, WorkerPool
 from raymerge.ray_cluster import check_single_node, ray_session
 from raymerge.shards import ShardBook
@@ -162,10 +162,11 @@ def check_part_size(spec: MergeSpec, destination) -> None:
 
 def _merge(plan, context, destination, shards, ledger, pending, options, summary,
            log) -> None:  # fmt: skip
-    """Run the prepare stage (if any tensor needs one), then every pending unit (or, where
-    a part is sent in one call, every pending part's units together)."""
+    """Run the prepare stage (if any tensor needs one), then every pending unit: one by one
+    or in batches of tiny ones, or, where a part is sent in one call, a part's units
+    together."""
     whole_parts = destination.whole_parts
-    items = plan.part_jobs(pending) if whole_parts else pending
+    items = plan.part_jobs(pending) if whole_parts else unit_batches(pending)
     pool = WorkerPool(context, options.pool(plan, whole_parts), len(items))  # once one is up
     try:
         merge_started = time.perf_counter()
@@ -174,36 +175,26 @@ def _merge(plan, context, destination, shards, ledger, pending, options, summary
         bar = _progress_bar(options.progress, plan.bytes_to_write,
                             plan.bytes_to_write - sum(u.nbytes for u in pending))  # fmt: skip
 
-        def merged(unit, result) -> None:
-            shards.unit_done(unit, result)
-            summary.units_done += 1
-            summary.bytes_read += result.bytes_read
-            summary.bytes_written += result.bytes_written
-            busy = result.seconds_read + result.seconds_merge + result.seconds_write
-            summary.worker_seconds[result.worker] = (
-                summary.worker_seconds.get(result.worker, 0) + busy
-            )
-            if bar is not None:
-                bar.update(result.bytes_written)
+        def merged(item, results) -> None:
+            shards.units_done(list(item.units), results)
+            for result in results:
+                summary.units_done += 1
+                summary.bytes_read += result.bytes_read
+                summary.bytes_written += result.bytes_written
+                busy = result.seconds_read + result.seconds_merge + result.seconds_write
+                worker = result.worker
+                summary.worker_seconds[worker] = summary.worker_seconds.get(worker, 0) + busy
+                if bar is not None:
+                    bar.update(result.bytes_written)
 
-        def unit_facts(unit) -> dict | None:
-            mine = {p.tensor: facts[p.tensor] for p in unit.pieces if p.tensor in facts}
-            return mine or None
-
-        def merged_part(job, results) -> None:
-            for unit, result in zip(job.units, results):
-                merged(unit, result)
-
-        def job_facts(job) -> dict | None:
-            mine = {p.tensor: facts[p.tensor] for u in job.units for p in u.pieces
+        def item_facts(item) -> dict | None:
+            mine = {p.tensor: facts[p.tensor] for u in item.units for p in u.pieces
                     if p.tensor in facts}  # fmt: skip
             return mine or None
 
         try:
-            if whole_parts:
-                summary.retries = pool.map(items, "run_part", merged_part, job_facts)
-            else:
-                summary.retries = pool.map(items, "run", merged, unit_facts)
+            call = "run_part" if whole_parts else "run_batch"
+            summary.retries = pool.map(items, call, merged, item_facts)
         finally:
             if bar is not None:
                 bar.close()

@@ -93,11 +93,14 @@ class ShardBook:
                 return False
         return True
 
-    def unit_done(self, unit: Unit, result) -> None:
-        self.ledger.record(unit, result)
-        self.waiting[unit.shard] -= 1
-        if self.waiting[unit.shard] == 0:
-            self._commit(unit.shard)
+    def units_done(self, units: list[Unit], results: list) -> None:
+        """Record finished units (one ledger write for all), then commit every shard whose
+        last unit they were."""
+        self.ledger.record(units, results)
+        for unit in units:
+            self.waiting[unit.shard] -= 1
+            if self.waiting[unit.shard] == 0:
+                self._commit(unit.shard)
 
     def _commit(self, shard: int) -> None:
         receipts = list(dict.fromkeys(  # one per part where units share their part's receipt

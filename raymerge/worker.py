@@ -25,7 +25,7 @@ from raymerge.errors import MergeFailed
 from raymerge.lazy import torch
 from raymerge.methods import REGISTRY
 from raymerge.methods.base import CPU_CHUNK, MergeInputs, add_stats, rows_of
-from raymerge.plan import OutputTensor, PartJob, Piece, Unit
+from raymerge.plan import OutputTensor, PartJob, Piece, Unit, UnitBatch
 from raymerge.storage import open_destination, open_source, s3
 from raymerge.storage.base import Destination, Source
 from raymerge.storage.s3 import S3Settings
@@ -125,6 +125,10 @@ class UnitRunner:
                 result.receipt = self._write(unit.shard, unit.part, unit.start, out)
                 result.seconds_write = time.perf_counter() - started
             return result
+
+    def run_batch(self, batch: UnitBatch, facts: dict[int, dict] | None = None) -> list:
+        """The batch's units one after the other (tiny units: one call for many)."""
+        return [self.run(unit, facts) for unit in batch.units]
 
     def run_part(self, job: PartJob, facts: dict[int, dict] | None = None) -> list[UnitResult]:
         """Merge every unit of one write part into one buffer, then send the part in one call

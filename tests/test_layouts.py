@@ -380,10 +380,40 @@ def test_merge_schedules_thousands_of_virtual_units(ray_local, tmp_path):
     summary = merge(spec, out, workers=2)
     units = len(summary.plan.units)
     assert units == summary.units_done == 9 * 240 + 3
-    assert len(os.listdir(out / "_raymerge" / "units")) == units
+    records = [json.loads(p.read_text()) for p in (out / "_raymerge" / "units").iterdir()]
+    assert len(records) < units / 16  # tiny units travel (and are recorded) in batches
+    assert sum(len(r.get("records", [r])) for r in records) == units
     report = verify(str(out))
     assert report.problems == [] and report.tensors == units
     assert report.shards == len(summary.plan.shards) > 10
     assert summary.bytes_written == sum(s.size for s in summary.plan.shards)
     headers = sum(len(s.header) for s in summary.plan.shards)
     assert summary.bytes_read == 2 * (summary.bytes_written - headers)  # two inputs per byte
+
+
+@pytest.mark.ray
+def test_batched_records_resume(ray_local, tmp_path):
+    """A run cut short after its batches were recorded resumes from them; a torn batch
+    record means its units' shards are redone, nothing else."""
+    import shutil
+
+    spec = virtual_spec(
+        tmp_path, "llama-3-70b", "scale=128&layers=80", weights=(1.0, 1.0),
+        part_size=1, shard_size=250_000,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    first = merge(spec, out, workers=2)
+    shutil.copytree(out, tmp_path / "whole")
+    for name in ("COMPLETE", "tensors.parquet", "model.safetensors.index.json"):
+        (out / name).unlink()  # as if the driver died after the last unit
+    victim = max((out / "_raymerge" / "units").iterdir(), key=lambda p: p.stat().st_size)
+    torn = {r["shard"] for r in json.loads(victim.read_text())["records"]}
+    victim.write_text(victim.read_text()[:100])
+    again = merge(spec, out, workers=2)
+    # a committed shard missing a unit's record is rewritten whole; the others are kept
+    redone = sum(u.shard in torn for u in first.plan.units)
+    assert again.units_done == redone < len(first.plan.units) / 2
+    assert again.units_resumed == len(first.plan.units) - redone
+    for name in sorted(os.listdir(tmp_path / "whole")):
+        if name.endswith((".safetensors", ".parquet", ".json")):
+            assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name

@@ -82,7 +82,8 @@ def test_killed_driver_resumes_with_identical_bytes(models, tmp_path):
     wait_for(tmp_path / f"fault-{last.key}", driver)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    recorded = len(os.listdir(out / "_raymerge" / "units"))
+    # (a driver killed mid-write may leave a temporary file beside the records)
+    recorded = len([n for n in os.listdir(out / "_raymerge" / "units") if n.endswith(".json")])
     assert recorded >= 1 and not (out / "COMPLETE").exists()
     rerun = subprocess.run([SCRIPT, "run", config, str(out), "--workers", "2", "--no-progress",
                             "--shard-size", "50000", "--part-size", "8000"],

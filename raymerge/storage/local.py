@@ -80,6 +80,7 @@ class LocalDestination:
     def __init__(self, root: str, fsync: bool = False) -> None:
         self.root = str(root)
         self.fsync = fsync
+        self._checked: set[str] = set()  # folders made and found not to be links
 
     def _path(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -114,8 +115,11 @@ class LocalDestination:
             return None
 
     def _folder_for(self, path: str) -> None:
-        """Create the folders above `path`, refusing any that is a symlink."""
+        """Create the folders above `path`, refusing any that is a symlink (each folder is
+        checked once per process: a unit record's folder is the same thousands of times)."""
         folder = os.path.dirname(path)
+        if folder in self._checked:
+            return
         os.makedirs(folder, exist_ok=True)
         probe = folder
         while len(probe) >= len(self.root) and probe != os.path.dirname(probe):
@@ -124,6 +128,7 @@ class LocalDestination:
             if probe == self.root.rstrip("/"):
                 break
             probe = os.path.dirname(probe)
+        self._checked.add(folder)
 
     def write_file(self, name: str, data: bytes) -> None:
         """Write under a fresh temporary name (never an existing file or link), then rename:
