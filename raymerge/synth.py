@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from raymerge.errors import ConfigError
+from raymerge.layouts import Layout, tensors
 
 DELTA_SCALE = 0.1  # deltas are this fraction of the base's scale
 
@@ -36,26 +37,12 @@ class SynthOptions:
 
 
 def llama_tensors(o: SynthOptions) -> list[tuple[str, tuple[int, ...]]]:
-    """Names and shapes of a Llama checkpoint, in the order `save_pretrained` uses."""
+    """Names and shapes of a Llama checkpoint, in the order `save_pretrained` uses (the
+    names of layouts.tensors, at these widths)."""
     heads = o.heads or max(1, o.hidden // 64)
-    kv_heads = o.kv_heads or heads
-    head_dim = o.hidden // heads
-    tensors = [("model.embed_tokens.weight", (o.vocab, o.hidden))]
-    for i in range(o.layers):
-        p = f"model.layers.{i}."
-        tensors += [
-            (p + "input_layernorm.weight", (o.hidden,)),
-            (p + "self_attn.q_proj.weight", (heads * head_dim, o.hidden)),
-            (p + "self_attn.k_proj.weight", (kv_heads * head_dim, o.hidden)),
-            (p + "self_attn.v_proj.weight", (kv_heads * head_dim, o.hidden)),
-            (p + "self_attn.o_proj.weight", (o.hidden, heads * head_dim)),
-            (p + "post_attention_layernorm.weight", (o.hidden,)),
-            (p + "mlp.gate_proj.weight", (o.intermediate, o.hidden)),
-            (p + "mlp.up_proj.weight", (o.intermediate, o.hidden)),
-            (p + "mlp.down_proj.weight", (o.hidden, o.intermediate)),
-        ]
-    tensors += [("model.norm.weight", (o.hidden,)), ("lm_head.weight", (o.vocab, o.hidden))]
-    return tensors
+    shape = Layout("synth", o.layers, o.hidden, o.intermediate, o.vocab, heads,
+                   o.kv_heads or heads, o.hidden // heads)  # fmt: skip
+    return tensors(shape)
 
 
 def llama_config(o: SynthOptions) -> dict:
