@@ -17,6 +17,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q ray==2.60.0 -e '.[test]'
 	touch $@
 
+# the tests also submit a job to a local Ray head: that needs Ray's job server (ray[default]),
+# which a merge itself does not (it would add a dashboard agent to every local run)
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q 'ray[default]==2.60.0'
+	touch $@
+
 demo: install
 	rm -rf $(DEMO)
 	$(BIN)/raymerge synth $(DEMO)/models --models 3 --with-base --layers 6 --hidden 1024 \
@@ -25,7 +31,7 @@ demo: install
 	$(BIN)/raymerge run configs/ties.yaml $(DEMO)/ties --shard-size 200MB --part-size 16MiB --workers 2
 	$(BIN)/raymerge verify $(DEMO)/ties
 
-test: install
+test: install $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

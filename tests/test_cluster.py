@@ -1,6 +1,7 @@
 """Merges on a multi-node Ray cluster (`ray.cluster_utils.Cluster`: a head and two worker
 nodes on this machine, on 127.0.0.1): a worker node removed mid-merge, a local output
-refused unless it is said to be shared.
+refused unless it is said to be shared, and a merge submitted with `ray job submit` (the
+head then runs Ray's job server, from ray[default], which `make test` installs).
 
 The driver is `raymerge run --address` in its own process, as on a real cluster; the test
 process only owns the cluster's nodes.
@@ -101,3 +102,40 @@ def test_a_local_output_on_a_multi_node_cluster_is_refused(cluster, models, tmp_
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "3 nodes" in lines[0] and "--allow-local-destination" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def head_with_dashboard():
+    """A one-node cluster whose head runs the dashboard (the job server) on 127.0.0.1."""
+    from ray.cluster_utils import Cluster
+
+    from tests.s3_support import free_port
+
+    port = free_port()
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+        "dashboard_port": port,
+    })  # fmt: skip
+    yield f"http://127.0.0.1:{port}"
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_merge(head_with_dashboard, models, tmp_path):
+    """`ray job submit --working-dir . -- raymerge run ...`: the entrypoint finds the
+    cluster through RAY_ADDRESS, which the job sets."""
+    from raymerge.index import verify
+
+    config = write_config(tmp_path / "c.yaml", ties_config(models))
+    out = tmp_path / "out"
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    submit = subprocess.run(
+        [ray, "job", "submit", "--address", head_with_dashboard, "--working-dir", root, "--",
+         SCRIPT, "run", config, str(out), "--workers", "2", "--no-progress", *SIZES],
+        capture_output=True, text=True, timeout=600, cwd=root,
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert "succeeded" in submit.stdout + submit.stderr
+    assert "work units:" in submit.stdout
+    assert (out / "COMPLETE").exists() and verify(str(out)).problems == []
