@@ -115,6 +115,8 @@ def head_with_dashboard():
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
         "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1",
         "dashboard_port": port,
+        # the job agent's default port (52365) is taken by any other Ray on the machine
+        "dashboard_agent_listen_port": free_port(),
     })  # fmt: skip
     yield f"http://127.0.0.1:{port}"
     cluster.shutdown()
@@ -130,11 +132,15 @@ def test_ray_job_submit_runs_a_merge(head_with_dashboard, models, tmp_path):
     out = tmp_path / "out"
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    submit = subprocess.run(
-        [ray, "job", "submit", "--address", head_with_dashboard, "--working-dir", root, "--",
-         SCRIPT, "run", config, str(out), "--workers", "2", "--no-progress", *SIZES],
-        capture_output=True, text=True, timeout=600, cwd=root,
-    )  # fmt: skip
+    command = [ray, "job", "submit", "--address", head_with_dashboard, "--working-dir", root,
+               "--", SCRIPT, "run", config, str(out), "--workers", "2", "--no-progress",
+               *SIZES]  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:  # the head's job agent registers a while after the head is up
+        submit = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root)
+        if "No available agent" not in submit.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout + submit.stderr
     assert "work units:" in submit.stdout
