@@ -396,7 +396,12 @@ def synth(
 
 
 def entry() -> None:
-    """The console script: run the command, flush, and leave at once. A local Ray started
+    """The console script: run the command, flush, and leave at once (run_and_exit)."""
+    run_and_exit(main)
+
+
+def run_and_exit(command: Callable[[], Any]) -> None:
+    """Run a console script's click command, flush, and leave at once. A local Ray started
     for the run ends with this process (its processes are tied to the driver), so the
     shutdown costs nothing on the way out; os._exit also skips interpreter teardown, where
     Arrow's thread pools can abort (apache/arrow#34314)."""
@@ -405,7 +410,7 @@ def entry() -> None:
     ray_cluster.exit_after = True
     code: int = 0
     try:
-        main()
+        command()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:

@@ -19,6 +19,7 @@ import time
 import uuid
 from typing import Any
 
+from raymerge.card import CARD_FILES
 from raymerge.checkpoint import CONFIG_FILES, TOKENIZER_FILES
 from raymerge.errors import ConfigError
 from raymerge.index import COMPLETE, HF_INDEX, TENSOR_INDEX
@@ -169,7 +170,7 @@ class Ledger:
         owned = set(record.get("owns", [])) if record else set()
         owned |= {HF_INDEX, TENSOR_INDEX, COMPLETE}
         if record is None:
-            owned |= {*CONFIG_FILES, *TOKENIZER_FILES}
+            owned |= {*CONFIG_FILES, *TOKENIZER_FILES, *CARD_FILES}
             owned |= {e for e in self.destination.list() if _looks_like_shard(e)}
         owned |= {name + ".partial" for name in list(owned)}
         self._abort_recorded_shards()

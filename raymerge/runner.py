@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from raymerge import stages
+from raymerge.card import CARD_FILE, CARD_FILES, CONFIG_FILE, config_yaml, model_card
 from raymerge.checkpoint import CONFIG_FILES, TOKENIZER_FILES, Checkpoint, open_checkpoint
 from raymerge.errors import CheckpointError, ConfigError
 from raymerge.index import COMPLETE, HF_INDEX, TENSOR_INDEX, hf_index, table_bytes, tensor_table
@@ -51,6 +52,7 @@ class RunOptions:
     s3_endpoint: str | None = None  # None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS
     s3_retry_mode: str | None = None  # None: AWS_RETRY_MODE, else "standard"
     allow_local_destination: bool = False  # a local OUT on a multi-node cluster is shared
+    copy_tokenizer: bool = True  # copy tokenizer_source's tokenizer files (mergekit's default)
 
     def pool(self, plan: Plan, whole_parts: bool) -> PoolOptions:
         return PoolOptions(
@@ -122,7 +124,8 @@ def run_merge(
     with ray_session(options.address, _local_cpus(options)):  # before anything is written
         if not is_remote(out) and not options.allow_local_destination:
             check_single_node(out)
-        owned = [*(s.name for s in plan.shards), HF_INDEX, TENSOR_INDEX, COMPLETE, *SIDE_FILES]
+        owned = [*(s.name for s in plan.shards), HF_INDEX, TENSOR_INDEX, COMPLETE, *SIDE_FILES,
+                 *CARD_FILES]  # fmt: skip
         ledger = Ledger(destination, plan, owned)
         ledger.claim(options.force, log)
         try:
@@ -140,7 +143,7 @@ def run_merge(
                 _merge(plan, context, destination, shards, ledger, pending, options, summary,
                        log)  # fmt: skip
             summary.seconds_startup = time.perf_counter() - startup - summary.seconds_merge
-            _finish(destination, plan, spec, checkpoints, shards)
+            _finish(destination, plan, spec, checkpoints, shards, options.copy_tokenizer)
         except (ConfigError, CheckpointError):
             ledger.abort_unfinished()  # a rerun cannot resume: leave no upload open
             raise
@@ -210,9 +213,14 @@ def _local_cpus(options: RunOptions) -> int:
 
 
 def _finish(destination, plan: Plan, spec: MergeSpec, checkpoints: list[Checkpoint],
-            shards: ShardBook) -> None:  # fmt: skip
-    """Side files, then the indexes, then COMPLETE: nothing looks complete before it is."""
-    _copy_side_files(destination, plan, spec, checkpoints)
+            shards: ShardBook, copy_tokenizer: bool = True) -> None:  # fmt: skip
+    """Side files, the model card and the normalized config, then the indexes, then
+    COMPLETE: nothing looks complete before it is. The card is written after the copied
+    files, and no input's README.md is ever copied: the card is always raymerge's."""
+    _copy_side_files(destination, plan, spec, checkpoints, copy_tokenizer)
+    name = destination.root.rstrip("/").rsplit("/", 1)[-1] or None
+    destination.write_file(CONFIG_FILE, config_yaml(spec).encode())
+    destination.write_file(CARD_FILE, model_card(spec, plan, checkpoints, name).encode())
     destination.write_file(HF_INDEX, hf_index(plan))
     names = [m.given for m in spec.inputs]
     table = tensor_table(plan, shards.tensor_checksums(), names)
@@ -221,9 +229,11 @@ def _finish(destination, plan: Plan, spec: MergeSpec, checkpoints: list[Checkpoi
 
 
 def _copy_side_files(
-    destination, plan: Plan, spec: MergeSpec, checkpoints: list[Checkpoint]
-) -> None:
-    """config.json from the base (or first) model, tokenizer files from tokenizer_source."""
+    destination, plan: Plan, spec: MergeSpec, checkpoints: list[Checkpoint],
+    copy_tokenizer: bool = True,
+) -> None:  # fmt: skip
+    """config.json from the base (or first) model, tokenizer files from tokenizer_source
+    (unless `copy_tokenizer` is off)."""
     reference = checkpoints[spec.reference_input]
     config = reference.read_json("config.json")
     if config is not None:
@@ -235,7 +245,7 @@ def _copy_side_files(
             }.get(spec.out_dtype, config.get("torch_dtype"))  # fmt: skip
         destination.write_file("config.json", (json.dumps(config, indent=2) + "\n").encode())
     _copy_files(destination, reference, ("generation_config.json",))
-    if spec.tokenizer_source is not None:
+    if spec.tokenizer_source is not None and copy_tokenizer:
         _copy_files(destination, checkpoints[spec.tokenizer_source], TOKENIZER_FILES)
 
 
