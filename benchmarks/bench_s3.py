@@ -39,9 +39,9 @@ from concurrent.futures import ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)  # tests.s3_support (MotoServer)
-sys.path.insert(0, HERE)  # bench_merge (PeakMemory, the configs' house style)
+sys.path.insert(0, HERE)  # bench_merge: PeakMemory and the same linear/ties configs
 
-from bench_merge import PeakMemory  # noqa: E402
+from bench_merge import CONFIGS, PeakMemory  # noqa: E402
 
 RAYMERGE = os.path.join(os.path.dirname(sys.executable), "raymerge")
 if not os.path.exists(RAYMERGE):  # run from a source tree without the console script
@@ -59,25 +59,6 @@ ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "NO_PROXY": "127.0.0.1,localhost",
     "no_proxy": "127.0.0.1,localhost",
-}
-CONFIGS = {
-    "linear": {
-        "merge_method": "linear",
-        "models": [
-            {"model": f"model_{i}", "parameters": {"weight": w}}
-            for i, w in ((1, 0.5), (2, 0.3), (3, 0.2))
-        ],
-        "dtype": "bfloat16",
-    },
-    "ties": {
-        "merge_method": "ties",
-        "base_model": "base",
-        "models": [
-            {"model": f"model_{i}", "parameters": {"weight": w, "density": d}}
-            for i, w, d in ((1, 1.0, 0.5), (2, 0.8, 0.5), (3, 0.6, 0.3))
-        ],
-        "dtype": "bfloat16",
-    },
 }
 ROUTES = [  # (name, inputs from, output to)
     ("local -> local", "local", "local"),
