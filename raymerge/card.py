@@ -29,6 +29,7 @@ import yaml
 from raymerge.dtypes import CONFIG_DTYPE_ALIASES
 from raymerge.spec import MergeSpec, OutputSlice, SliceSource
 from raymerge.storage import uri_scheme
+from raymerge.storage.lora import config_ref, is_lora, parse_uri
 
 if TYPE_CHECKING:
     from raymerge.checkpoint import Checkpoint
@@ -85,6 +86,11 @@ class Origin:
 def input_origin(path: str, given: str) -> Origin:
     """An input's Hub id and revision, from its path (a Hugging Face cache snapshot) or the
     metadata a `--local-dir` download leaves; neither guessed from a name alone."""
+    if uri_scheme(path) == "hf":  # read in place from the Hub at a pinned commit
+        from raymerge.storage import hub
+
+        ref = hub.parse_uri(path)
+        return Origin(ref.repo, ref.revision if hub.is_commit(ref.revision) else None, path)
     if uri_scheme(path) is not None:
         return Origin(None, None, path)
     real = os.path.realpath(path)
@@ -125,7 +131,7 @@ def config_data(spec: MergeSpec) -> dict:
     resolved model paths, every default and override written out."""
 
     def path(index: int) -> str:
-        return spec.inputs[index].path
+        return config_ref(spec.inputs[index].path)  # a LoRA input as MODEL+ADAPTER
 
     def source(s: SliceSource, layers: bool) -> dict:
         entry: dict = {"model": path(s.input)}
@@ -160,7 +166,9 @@ def config_data(spec: MergeSpec) -> dict:
     if spec.out_dtype is not None:
         data["out_dtype"] = DTYPE_NAMES.get(spec.out_dtype, spec.out_dtype)
     default_tokenizer = spec.base_input if spec.base_input is not None else 0
-    if spec.resize_vocab:
+    if spec.vocab is not None:
+        data.update(_tokenizer_data(spec, path))
+    elif spec.resize_vocab:
         data["tokenizer_source"] = "base"
     elif spec.tokenizer_source is not None and spec.tokenizer_source != default_tokenizer:
         data["tokenizer_source"] = path(spec.tokenizer_source)
@@ -168,6 +176,35 @@ def config_data(spec: MergeSpec) -> dict:
         "seed": spec.seed, "shard_size": spec.shard_size, "part_size": spec.part_size,
     }  # fmt: skip
     return data
+
+
+def _tokenizer_data(spec: MergeSpec, path) -> dict:
+    """`tokenizer_source: union`, or mergekit's `tokenizer:` block, for a vocabulary
+    matched by token string."""
+    vocab = spec.vocab
+    assert vocab is not None
+    source = path(vocab.input) if vocab.source == "model" else vocab.source
+    if source == "union" and not vocab.tokens and vocab.pad_to_multiple_of is None:
+        return {"tokenizer_source": "union"}
+    block: dict = {"source": source}
+    if vocab.tokens:
+        tokens = {}
+        for t in vocab.tokens:
+            if t.kind == "zero":
+                entry: dict = {"source": {"kind": "zero"}}
+            elif t.kind == "model":
+                entry = {"source": path(t.input)}
+            else:
+                which = {"token": t.source_token} if t.source_id is None else {
+                    "token_id": t.source_id}  # fmt: skip
+                entry = {"source": {"kind": "model_token", "model": path(t.input), **which}}
+            if t.force:
+                entry["force"] = True
+            tokens[t.token] = entry
+        block["tokens"] = tokens
+    if vocab.pad_to_multiple_of is not None:
+        block["pad_to_multiple_of"] = vocab.pad_to_multiple_of
+    return {"tokenizer": block}
 
 
 class _Dumper(yaml.SafeDumper):
@@ -213,6 +250,23 @@ def _name_md(given: str, origin: Origin) -> str:
     return _code(given)
 
 
+def _parts(given: str, path: str) -> list[tuple[str, str]]:
+    """(as given, path) of an input, or of its model and its LoRA adapter."""
+    if not is_lora(path):
+        return [(given, path)]
+    paths = parse_uri(path)
+    if is_lora(given):
+        named = list(parse_uri(given))
+    else:
+        named = given.split("+") if given.count("+") == 1 else list(paths)
+    return list(zip(named, paths))
+
+
+def _names_md(parts: list[tuple[str, str]], origins: list[Origin]) -> str:
+    """An input's name; `model + adapter` for a LoRA input."""
+    return " + ".join(_name_md(given, origin) for (given, _), origin in zip(parts, origins))
+
+
 def _source_md(given: str, origin: Origin, nbytes: int | None) -> str:
     """Where an input's files came from: its revision where known, else its location."""
     facts = []
@@ -236,8 +290,9 @@ def model_card(
     """README.md for the output: Hub front matter, the method, the inputs (with revisions
     where known) and the normalized config. `checkpoints` (the opened inputs) add each
     input's size."""
-    origins = [input_origin(m.path, m.given) for m in spec.inputs]
-    hub_ids = list(dict.fromkeys(o.hub_id for o in origins if o.hub_id))
+    parts = [_parts(m.given, m.path) for m in spec.inputs]
+    origins = [[input_origin(path, given) for given, path in p] for p in parts]
+    hub_ids = list(dict.fromkeys(o.hub_id for each in origins for o in each if o.hub_id))
     front = yaml.safe_dump(
         {"base_model": hub_ids, "tags": ["merge", "raymerge"], "library_name": "transformers"},
         sort_keys=False,
@@ -245,13 +300,17 @@ def model_card(
     base = spec.base_input if spec.method.base != "ignored" else None
     base_text = ""
     if base is not None:
-        base_text = f" using {_name_md(spec.inputs[base].given, origins[base])} as a base"
+        base_text = f" using {_names_md(parts[base], origins[base])} as a base"
     models = []
-    for index, (model, origin) in enumerate(zip(spec.inputs, origins)):
+    for index in range(len(spec.inputs)):
         nbytes = checkpoints[index].total_bytes if checkpoints is not None else None
         role = " (base)" if index == base else ""
+        facts = [
+            _source_md(given, origin, nbytes if i == 0 else None)  # the adapter's size: none
+            for i, ((given, _), origin) in enumerate(zip(parts[index], origins[index]))
+        ]
         models.append(
-            f"* {_name_md(model.given, origin)}{role}: {_source_md(model.given, origin, nbytes)}"
+            f"* {_names_md(parts[index], origins[index])}{role}: {'; adapter: '.join(facts)}"
         )
     dtypes = sorted({DTYPE_NAMES.get(t.dtype, t.dtype) for t in plan.tensors})
     return f"""---

@@ -81,6 +81,8 @@ class Checkpoint:
 def open_checkpoint(uri: str) -> Checkpoint:
     """Open `uri` (folder or .safetensors file), reading and validating headers only, and
     config.json if there is one (so a broken one stops a merge before any weight is read)."""
+    if uri_scheme(uri) == "lora":
+        return _open_lora(uri)
     if uri_scheme(uri) is not None:
         source, files, weight_map = _locate_remote(uri)
     elif uri.endswith(".safetensors") and os.path.isfile(uri):
@@ -120,6 +122,20 @@ def open_checkpoint(uri: str) -> Checkpoint:
     checkpoint = Checkpoint(uri, source, tensors, files, fingerprints)
     checkpoint.read_json("config.json")
     return checkpoint
+
+
+def _open_lora(uri: str) -> Checkpoint:
+    """A base model with a PEFT LoRA adapter (lora://BASE+ADAPTER, storage/lora.py): the
+    base's files, layout and side files, read through a LoraSource; the adapter is checked
+    against the base's headers here, before any weight is read."""
+    from raymerge.storage.lora import LoraSource, lora_uri, parse_uri
+
+    base_ref, adapter_ref = parse_uri(uri)
+    base = open_checkpoint(base_ref)  # the base decides the layout (a folder, a file, S3)
+    source = LoraSource(lora_uri(base.source.root, adapter_ref))
+    source.check(base.tensors, base.files)
+    fingerprints = {file: source.fingerprint(file) for file in base.files}
+    return Checkpoint(uri, source, base.tensors, base.files, fingerprints)
 
 
 def _locate_remote(uri: str) -> tuple[Source, list[str], dict[str, str] | None]:

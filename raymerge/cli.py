@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from raymerge.errors import RaymergeError
+from raymerge.errors import MergeFailed, RaymergeError
 from raymerge.layouts import LAYOUTS as LAYOUT_NAMES
 from raymerge.sizes import human
 
@@ -81,73 +81,79 @@ S3_ENDPOINT = click.option(
 )
 
 
-@main.command()
-@click.argument("config", type=click.Path(dir_okay=False))
-@click.argument("out")
-@click.option("--address", help="Ray cluster address; default: start a local Ray on 127.0.0.1")
-@click.option(
-    "--workers", type=click.IntRange(min=1), help="worker actors (default: one per CPU, or per GPU)"
+def _hub_download_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--download: Hugging Face repo ids are fetched into the local cache before use."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, download: bool = False, **kwargs: Any) -> Any:
+        from raymerge.storage import hub
+
+        previous = hub.configure(download=download)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            hub.configure(download=previous)
+
+    return click.option(
+        "--download", is_flag=True,
+        help="fetch Hugging Face models (org/name) into the local cache first (their "
+        "safetensors, index, config and tokenizer files) instead of reading them in place",
+    )(wrapper)  # fmt: skip
+
+
+_MERGE_OPTIONS = (
+    click.option("--address", help="Ray cluster address; default: start a local Ray on 127.0.0.1"),
+    click.option(
+        "--workers", type=click.IntRange(min=1),
+        help="worker actors (default: one per CPU, or per GPU)",
+    ),  # fmt: skip
+    click.option("--cpus-per-worker", type=click.FloatRange(min=0), default=1.0,
+                 show_default=True),  # fmt: skip
+    click.option(
+        "--gpus-per-worker", type=click.FloatRange(min=0), default=0.0, show_default=True,
+        help="merge on GPUs: each worker actor holds this many",
+    ),  # fmt: skip
+    click.option("--shard-size", help="output shard size, e.g. 5GB (default) or 500MiB"),
+    click.option("--part-size", help="write part size, e.g. 64MiB (default)"),
+    click.option(
+        "--worker-memory",
+        help="bound on what one worker holds, e.g. 4GiB (default: half the node's memory over "
+        "its workers); larger tensors are merged in row ranges",
+    ),
+    click.option("--dtype", help="output dtype (bfloat16, float16, float32); overrides the config"),
+    click.option("--seed", type=click.IntRange(min=0), help="seed for random methods (default 0)"),
+    click.option("--force", is_flag=True, help="overwrite raymerge's files in a non-empty OUT"),
+    click.option("--fsync", is_flag=True, help="flush every shard to disk before it is committed"),
+    click.option("--no-progress", is_flag=True, help="no progress bar"),
+    click.option(
+        "--allow-local-destination", is_flag=True,
+        help="on a multi-node cluster, OUT is a local path every node shares (NFS, Lustre, ...)",
+    ),  # fmt: skip
+    click.option(
+        "--s3-retry-mode", type=click.Choice(["standard", "adaptive"]),
+        help="botocore's retry mode for S3 (default: AWS_RETRY_MODE, else standard)",
+    ),  # fmt: skip
+    S3_ENDPOINT,
 )
-@click.option("--cpus-per-worker", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option(
-    "--gpus-per-worker",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="merge on GPUs: each worker actor holds this many",
-)
-@click.option("--shard-size", help="output shard size, e.g. 5GB (default) or 500MiB")
-@click.option("--part-size", help="write part size, e.g. 64MiB (default)")
-@click.option(
-    "--worker-memory",
-    help="bound on what one worker holds, e.g. 4GiB (default: half the node's memory over its "
-    "workers); larger tensors are merged in row ranges",
-)
-@click.option("--dtype", help="output dtype (bfloat16, float16, float32); overrides the config")
-@click.option("--seed", type=click.IntRange(min=0), help="seed for random methods (default 0)")
-@click.option("--force", is_flag=True, help="overwrite raymerge's files in a non-empty OUT")
-@click.option("--fsync", is_flag=True, help="flush every shard to disk before it is committed")
-@click.option("--no-progress", is_flag=True, help="no progress bar")
-@click.option(
-    "--allow-local-destination", is_flag=True,
-    help="on a multi-node cluster, OUT is a local path every node shares (NFS, Lustre, ...)",
-)  # fmt: skip
-@click.option(
-    "--s3-retry-mode", type=click.Choice(["standard", "adaptive"]),
-    help="botocore's retry mode for S3 (default: AWS_RETRY_MODE, else standard)",
-)  # fmt: skip
-@S3_ENDPOINT
-@_guard
-def run(
-    config: str,
-    out: str,
-    address: str | None,
-    workers: int | None,
-    cpus_per_worker: float,
-    gpus_per_worker: float,
-    shard_size: str | None,
-    part_size: str | None,
-    worker_memory: str | None,
-    dtype: str | None,
-    seed: int | None,
-    force: bool,
-    fsync: bool,
-    no_progress: bool,
-    allow_local_destination: bool,
-    s3_retry_mode: str | None,
-    s3_endpoint: str | None,
-) -> None:
-    """Merge the models in CONFIG into the folder (or s3://bucket/prefix) OUT."""
-    from raymerge.config import load_spec
-    from raymerge.runner import RunOptions, run_merge
+
+
+def _merge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options `run` and `batch` share."""
+    for option in reversed(_MERGE_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def _run_options(
+    address: str | None, workers: int | None, cpus_per_worker: float, gpus_per_worker: float,
+    worker_memory: str | None, force: bool, fsync: bool, no_progress: bool,
+    allow_local_destination: bool, s3_retry_mode: str | None, s3_endpoint: str | None,
+    **_: Any,
+):  # fmt: skip
+    from raymerge.runner import RunOptions
     from raymerge.sizes import parse_size
 
-    spec = load_spec(
-        config, _overrides(shard_size=shard_size, part_size=part_size, dtype=dtype, seed=seed)
-    )
-    for warning in spec.warnings:
-        click.echo(f"warning: {warning}", err=True)
-    options = RunOptions(
+    return RunOptions(
         address=address,
         workers=workers,
         cpus_per_worker=cpus_per_worker,
@@ -160,9 +166,61 @@ def run(
         s3_endpoint=s3_endpoint,
         allow_local_destination=allow_local_destination,
     )
-    summary = run_merge(spec, out, options, log=lambda line: click.echo(line, err=True))
+
+
+def _spec_overrides(shard_size: str | None, part_size: str | None, dtype: str | None,
+                    seed: int | None, **_: Any) -> dict[str, Any]:  # fmt: skip
+    return _overrides(shard_size=shard_size, part_size=part_size, dtype=dtype, seed=seed)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("out")
+@_merge_options
+@_guard
+@_hub_download_option
+def run(config: str, out: str, **flags: Any) -> None:
+    """Merge the models in CONFIG into the folder (or s3://bucket/prefix) OUT."""
+    from raymerge.config import load_spec
+    from raymerge.runner import run_merge
+
+    spec = load_spec(config, _spec_overrides(**flags))
+    for warning in spec.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    summary = run_merge(spec, out, _run_options(**flags),
+                        log=lambda line: click.echo(line, err=True))  # fmt: skip
     for line in summary.lines():
         click.echo(line)
+
+
+@main.command()
+@click.argument("batch_file", metavar="BATCH", type=click.Path(dir_okay=False))
+@click.argument("out_prefix", metavar="OUT_PREFIX")
+@click.option("--dry-run", is_flag=True, help="list the recipes and the bytes read; merge nothing")
+@_merge_options
+@_hub_download_option
+@_guard
+def batch(batch_file: str, out_prefix: str, dry_run: bool, **flags: Any) -> None:
+    """Merge every recipe in BATCH (mergekit-multi's multi-document YAML, grids,
+    combinations) into OUT_PREFIX/NAME, reading each input byte once."""
+    from raymerge.batch_runner import dry_run as list_batch
+    from raymerge.batch_runner import run_batch
+
+    options = _run_options(**flags)
+    if dry_run:
+        for line in list_batch(batch_file, out_prefix, options, _spec_overrides(**flags)):
+            click.echo(line)
+        return
+    summary = run_batch(batch_file, out_prefix, options, _spec_overrides(**flags),
+                        log=lambda line: click.echo(line, err=True))  # fmt: skip
+    for line in summary.lines():
+        click.echo(line)
+    if summary.failed:
+        _fail(MergeFailed(
+            f"{len(summary.failed)} of {len(summary.runs)} recipe(s) did not finish: "
+            f"{', '.join(summary.failed)}; the rest are complete; fix the failed ones and rerun "
+            "the same command: it skips complete recipes and resumes the others"
+        ))  # fmt: skip
 
 
 @main.command()
@@ -184,6 +242,7 @@ def run(
 )  # fmt: skip
 @_guard
 @_s3_endpoint_option
+@_hub_download_option
 def plan(
     config: str, shard_size: str | None, part_size: str | None, worker_memory: str | None,
     workers: int | None, dtype: str | None, as_json: bool, layout: str | None,

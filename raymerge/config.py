@@ -14,12 +14,12 @@ from typing import Any
 import yaml
 
 from raymerge.dtypes import parse_config_dtype
-from raymerge.errors import ConfigError, shown
+from raymerge.errors import ConfigError, RaymergeError, shown
 from raymerge.methods import REGISTRY, get_method
 from raymerge.methods.base import MergeMethod
 from raymerge.params import check_setting
 from raymerge.sizes import parse_size
-from raymerge.spec import InputModel, MergeSpec, OutputSlice, SliceSource
+from raymerge.spec import InputModel, MergeSpec, OutputSlice, SliceSource, TokenSource, VocabSpec
 from raymerge.storage import uri_scheme
 
 TOP_LEVEL_KEYS = {
@@ -47,6 +47,12 @@ def load_spec(path: str, overrides: dict[str, Any] | None = None) -> MergeSpec:
 
 def _load_yaml(path: str) -> Any:
     """The config's one YAML document: string keys only, no duplicates, bounded size."""
+    return load_documents(path, single=True)[0]
+
+
+def load_documents(path: str, single: bool = False) -> list[Any]:
+    """The file's YAML documents (one, with `single`), each checked as `_load_yaml` checks
+    a config."""
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
@@ -81,15 +87,19 @@ def _load_yaml(path: str) -> Any:
                 f"{path}: the file is empty; a config is a YAML mapping with merge_method and "
                 "models: or slices: (see docs/configs.md)"
             )
-        node = loader.get_node()
-        if loader.check_node():
-            line = loader.peek_event().start_mark.line + 1
-            raise ConfigError(
-                f"{path}: holds more than one YAML document (another starts at line {line}, "
-                "after '---'); put each merge in its own config file"
-            )
-        _check_nodes(node, path)
-        return loader.construct_document(node)
+        documents = []
+        while loader.check_node():
+            if single and documents:
+                line = loader.peek_event().start_mark.line + 1
+                raise ConfigError(
+                    f"{path}: holds more than one YAML document (another starts at line "
+                    f"{line}, after '---'); put each merge in its own config file, or run "
+                    "several with `raymerge batch`"
+                )
+            node = loader.get_node()
+            _check_nodes(node, path)
+            documents.append(loader.construct_document(node))
+        return documents
     except yaml.reader.ReaderError as exc:
         raise ConfigError(
             f"{path}: character {exc.character!r} at position {exc.position} is not allowed in "
@@ -195,6 +205,7 @@ class _Reader:
         self.errors: list[str] = []
         self.warnings: list[str] = []
         self.inputs: list[InputModel] = []
+        self.hub_models: dict[str, str | None] = {}  # repo id or hf:// URI -> what it resolved to
 
     def input_index(self, ref: Any, where: str) -> int | None:
         """The index of the model `ref` names, adding it to the inputs on first sight."""
@@ -213,6 +224,8 @@ class _Reader:
                 f"{where}: {shown(ref)} must be a path to a checkpoint folder or .safetensors file"
             )
             return None
+        if self._is_lora_ref(ref):
+            return self._resolve_lora(ref, where)  # MODEL+ADAPTER, as mergekit splits it
         scheme = uri_scheme(ref)
         if scheme == "s3":
             return ref.rstrip("/")  # opened (and checked) with the other inputs
@@ -225,17 +238,13 @@ class _Reader:
                 self.errors.append(f"{where}: {exc}")
                 return None
             return ref.rstrip("/")
+        if scheme == "hf":  # a Hugging Face model repo (storage/hub.py)
+            return self._hub_model(ref, where)
         if scheme is not None:
             self.errors.append(
                 f"{where}: {shown(ref)}: {scheme}:// models are not supported; raymerge "
-                "reads local checkpoint folders, .safetensors files and s3://bucket/prefix "
-                "(download other models first, e.g. with `huggingface-cli download`)"
-            )
-            return None
-        if "+" in ref and not os.path.exists(ref):
-            self.errors.append(
-                f"{where}: {shown(ref)}: LoRA adapters (model+lora) are not supported yet; "
-                "merge the adapter into its model first"
+                "reads local checkpoint folders, .safetensors files, s3://bucket/prefix and "
+                "Hugging Face repo ids (org/name, org/name@revision)"
             )
             return None
         expanded = os.path.expanduser(ref)
@@ -245,13 +254,108 @@ class _Reader:
         for candidate in candidates:
             if os.path.exists(candidate):
                 return os.path.abspath(candidate)
+        from raymerge.storage.hub import parse_ref
+
+        if parse_ref(ref) is not None:  # org/name or org/name@revision: a Hugging Face repo
+            return self._hub_model(ref, where)
         looked = " or ".join(shown(os.path.abspath(c)) for c in candidates)
         self.errors.append(
             f"{where}: {shown(ref)} not found (looked for {looked}); raymerge reads local "
-            "checkpoint folders and .safetensors files (download hub models first, e.g. with "
-            "`huggingface-cli download`)"
+            "checkpoint folders, .safetensors files, s3://bucket/prefix and Hugging Face repo "
+            "ids (org/name or org/name@revision)"
         )
         return None
+
+    def _hub_model(self, ref: str, where: str) -> str | None:
+        """A Hugging Face repo id or hf:// URI: a cache snapshot folder or a pinned hf:// URI
+        (storage/hub.py), resolved once per config; a run-time failure (the Hub cannot be
+        reached) stops the parse at once."""
+        from raymerge.storage import hub
+
+        if ref not in self.hub_models:
+            self.hub_models[ref] = None
+            if uri_scheme(ref) is None:
+                repo, revision = hub.parse_ref(ref) or (ref, None)
+                at, what = None, f"{shown(ref)} is no local path; as a Hugging Face repo id"
+            else:
+                try:
+                    parsed = hub.parse_uri(ref)
+                except ConfigError as exc:
+                    self.errors.append(f"{where}: {exc}")
+                    return None
+                repo, revision, at, what = parsed.repo, parsed.revision, parsed.endpoint, shown(ref)
+            try:
+                self.hub_models[ref] = hub.resolve(repo, revision, at)
+            except ConfigError as exc:
+                self.errors.append(f"{where}: {what}: {exc}")
+            except RaymergeError as exc:
+                raise type(exc)(f"{where}: {what}: {exc}") from None
+        return self.hub_models[ref]
+
+    def _exists(self, ref: str) -> bool:
+        """Whether `ref` names an existing local path (here, or beside the config)."""
+        expanded = os.path.expanduser(ref)
+        return os.path.exists(expanded) or (
+            not os.path.isabs(expanded) and os.path.exists(os.path.join(self.config_dir, expanded))
+        )
+
+    def _there(self, ref: str) -> bool:
+        return uri_scheme(ref) is not None or self._exists(ref)
+
+    def _is_lora_ref(self, ref: str) -> bool:
+        """MODEL+ADAPTER or lora://...: a '+' in a reference that is no existing path (in a
+        URI, only before an adapter that is a URI or an existing path: keys may hold '+')."""
+        if ref.lower().startswith("lora://"):
+            return True
+        if "+" not in ref or self._exists(ref):
+            return False
+        cuts = [i for i, c in enumerate(ref) if c == "+"]
+        return uri_scheme(ref) is None or any(self._there(ref[i + 1 :]) for i in cuts)
+
+    def _resolve_lora(self, ref: str, where: str) -> str | None:
+        """MODEL+ADAPTER (or lora://MODEL+ADAPTER): each half resolved as any reference is,
+        the adapter folder checked; the input is lora://MODEL+ADAPTER (storage/lora.py)."""
+        from raymerge.storage.lora import ADAPTER_CONFIG, is_lora, lora_uri, parse_uri
+
+        if is_lora(ref):
+            try:
+                halves = parse_uri(ref)
+            except ConfigError as exc:
+                self.errors.append(f"{where}: {exc}")
+                return None
+        else:
+            cuts = [i for i, c in enumerate(ref) if c == "+"]
+            if uri_scheme(ref) is not None:  # a URI: only before an adapter that is there
+                cuts = [i for i in cuts if self._there(ref[i + 1 :])]
+            if len(cuts) > 1:  # the one cut whose halves both exist (or are URIs)
+                cuts = [i for i in cuts if self._there(ref[:i]) and self._there(ref[i + 1 :])]
+            if len(cuts) != 1:
+                self.errors.append(
+                    f"{where}: {shown(ref)}: cannot tell where the model ends and its LoRA "
+                    "adapter begins (MODEL+ADAPTER, one '+'); rename the folders that hold a '+'"
+                )
+                return None
+            halves = (ref[: cuts[0]], ref[cuts[0] + 1 :])
+        base = self.resolve_path(halves[0], f"{where} (the model before '+')")
+        adapter = self.resolve_path(halves[1], f"{where} (the LoRA adapter after '+')")
+        if base is None or adapter is None:
+            return None
+        if is_lora(base) or is_lora(adapter):
+            self.errors.append(
+                f"{where}: {shown(ref)}: one LoRA adapter per model; merge the others first"
+            )
+            return None
+        if uri_scheme(adapter) is None and not os.path.isfile(
+            os.path.join(adapter, ADAPTER_CONFIG)
+        ):  # a remote adapter is checked when it is opened
+            kind = "a file" if os.path.isfile(adapter) else f"a folder without {ADAPTER_CONFIG}"
+            self.errors.append(
+                f"{where}: {shown(ref)}: the part after '+' ({shown(adapter)}) is {kind}; give "
+                f"a PEFT LoRA adapter folder (with {ADAPTER_CONFIG} and "
+                "adapter_model.safetensors)"
+            )
+            return None
+        return lora_uri(base, adapter)
 
     def parameters(self, raw: Any, where: str, per_model_only: bool) -> dict:
         """A `parameters:` mapping, each value checked against the method's declarations."""
@@ -315,7 +419,7 @@ def parse_spec(
         for index, out_slice in enumerate(slices):
             _check_slice_against_method(reader, out_slice, parameters, base_input, data, index)
     out_dtype = _parse_dtypes(data, overrides, reader.errors)
-    tokenizer_source, resize_vocab = _parse_tokenizer(data, base_input, reader)
+    tokenizer_source, resize_vocab, vocab = _parse_tokenizer(data, base_input, reader)
     if "chat_template" in data:
         reader.warnings.append(
             "chat_template: not applied by raymerge; the tokenizer files are copied as is"
@@ -334,6 +438,7 @@ def parse_spec(
         out_dtype=out_dtype,
         tokenizer_source=tokenizer_source,
         resize_vocab=resize_vocab,
+        vocab=vocab,
         source=source,
         warnings=tuple(reader.warnings),
         **options,
@@ -565,37 +670,140 @@ def _parse_dtypes(data: dict, overrides: dict[str, Any], errors: list[str]) -> s
     return out_dtype
 
 
+TOKENIZER_KEYS = {"source", "tokens", "pad_to_multiple_of"}
+TOKEN_KEYS = {"source", "force"}
+MAX_PAD_MULTIPLE = 1 << 16
+
+
 def _parse_tokenizer(
     data: dict, base_input: int | None, reader: _Reader
-) -> tuple[int | None, bool]:
-    """(input whose tokenizer files are copied, whether vocab rows follow the base)."""
+) -> tuple[int | None, bool, VocabSpec | None]:
+    """(input whose tokenizer files are copied, whether vocab rows follow the base by
+    position, how rows are matched by token string: `union`, or a `tokenizer:` block with
+    `tokens` or `pad_to_multiple_of`)."""
     source = data.get("tokenizer_source")
     tokenizer = data.get("tokenizer")
+    block: dict = {}
+    where = "tokenizer_source"
     if tokenizer is not None:
         if source is not None:
             reader.errors.append("tokenizer: give either tokenizer_source or tokenizer, not both")
-        if not isinstance(tokenizer, dict) or set(tokenizer) - {"source"}:
-            reader.errors.append("tokenizer: only `tokenizer: {source: ...}` is supported yet")
-            return None, False
-        source = tokenizer.get("source")
+        if not isinstance(tokenizer, dict):
+            reader.errors.append(
+                "tokenizer: must be a mapping (source, tokens, pad_to_multiple_of), as mergekit's "
+                "tokenizer block"
+            )
+            return None, False, None
+        reader.keys(tokenizer, TOKENIZER_KEYS, "tokenizer")
+        block, where = tokenizer, "tokenizer.source"
+        source = tokenizer.get("source", "union")  # mergekit's default for the block
     if source is None:
-        return (base_input if base_input is not None else (0 if reader.inputs else None)), False
+        default = base_input if base_input is not None else (0 if reader.inputs else None)
+        return default, False, None
+    tokens = _parse_tokens(block.get("tokens"), reader)
+    pad = _parse_pad(block.get("pad_to_multiple_of"), reader)
+    matched = source == "union" or bool(tokens) or pad is not None
     if source == "base":
         if base_input is None:
-            reader.errors.append("tokenizer_source: 'base' needs a base_model")
-        return base_input, True
+            reader.errors.append(f"{where}: 'base' needs a base_model")
+            return None, False, None
+        if not matched:
+            return base_input, True, None
+        return base_input, False, VocabSpec("base", base_input, tokens, pad)
     if source == "union":
-        reader.errors.append(
-            "tokenizer_source: 'union' is not supported yet; use 'base' or a model path"
-        )
-        return None, False
-    path = reader.resolve_path(source, "tokenizer_source")
+        first = base_input if base_input is not None else 0
+        return None, False, VocabSpec("union", first, tokens, pad)
+    index = _input_of(source, where, reader, "`base`, `union` or one of the input models")
+    if index is None:
+        return None, False, None
+    return index, False, (VocabSpec("model", index, tokens, pad) if matched else None)
+
+
+def _input_of(ref: Any, where: str, reader: _Reader, allowed: str) -> int | None:
+    """The index of the input model `ref` names (never adding one)."""
+    path = reader.resolve_path(ref, where)
     for index, model in enumerate(reader.inputs):
         if model.path == path:
-            return index, False
+            return index
     if path is not None:
-        reader.errors.append("tokenizer_source: must be `base` or one of the input models")
-    return None, False
+        reader.errors.append(
+            f"{where}: {shown(ref)} is not one of the merge's models; use {allowed}"
+        )
+    return None
+
+
+def _parse_pad(raw: Any, reader: _Reader) -> int | None:
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_PAD_MULTIPLE:
+        reader.errors.append(
+            f"tokenizer.pad_to_multiple_of: {shown(raw)} must be an integer from 1 to "
+            f"{MAX_PAD_MULTIPLE} (the embedding rows are padded to a multiple of it)"
+        )
+        return None
+    return raw
+
+
+def _parse_tokens(raw: Any, reader: _Reader) -> tuple[TokenSource, ...]:
+    """`tokenizer.tokens`: token -> {source: MODEL | {kind: zero} | {kind: model_token,
+    model: MODEL, token: TOKEN | token_id: ID}, force: bool}, as mergekit reads it."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        reader.errors.append(
+            "tokenizer.tokens: must be a mapping of token strings to {source: ...}"
+        )
+        return ()
+    models = "a model of the merge"
+    out = []
+    for token, entry in raw.items():
+        where = f"tokenizer.tokens[{shown(token)}]"
+        if not isinstance(token, str) or not token:
+            reader.errors.append(f"{where}: a token must be a non-empty string")
+            continue
+        if not isinstance(entry, dict):
+            reader.errors.append(f"{where}: must be a mapping with `source:` (and `force:`)")
+            continue
+        reader.keys(entry, TOKEN_KEYS, where)
+        force = entry.get("force", False)
+        if not isinstance(force, bool):
+            reader.errors.append(f"{where}.force: {shown(force)} must be true or false")
+            continue
+        source = entry.get("source")
+        if isinstance(source, str):
+            index = _input_of(source, f"{where}.source", reader, models)
+            if index is not None:
+                out.append(TokenSource(token, "model", index, force=force))
+            continue
+        if not isinstance(source, dict) or source.get("kind") not in ("zero", "model_token"):
+            reader.errors.append(
+                f"{where}.source: {shown(source)} must be a model of the merge, {{kind: zero}}, "
+                "or {kind: model_token, model: MODEL, token: TOKEN} (or token_id: ID)"
+            )
+            continue
+        if source["kind"] == "zero":
+            reader.keys(source, {"kind"}, f"{where}.source")
+            out.append(TokenSource(token, "zero", force=force))
+            continue
+        reader.keys(source, {"kind", "model", "token", "token_id"}, f"{where}.source")
+        index = _input_of(source.get("model"), f"{where}.source.model", reader, models)
+        name, number = source.get("token"), source.get("token_id")
+        if (name is None) == (number is None):
+            reader.errors.append(f"{where}.source: give exactly one of `token` or `token_id`")
+            continue
+        if name is not None and (not isinstance(name, str) or not name):
+            reader.errors.append(f"{where}.source.token: {shown(name)} must be a token string")
+            continue
+        if number is not None and (
+            isinstance(number, bool) or not isinstance(number, int) or number < 0
+        ):
+            reader.errors.append(
+                f"{where}.source.token_id: {shown(number)} must be an integer >= 0"
+            )
+            continue
+        if index is not None:
+            out.append(TokenSource(token, "model_token", index, name, number, force))
+    return tuple(out)
 
 
 def _parse_raymerge_section(raw: Any, overrides: dict[str, Any], errors: list[str]) -> dict:

@@ -52,8 +52,11 @@ def _load(text: str | None) -> dict | None:
 def check_not_an_input(out: str, inputs: list[str]) -> None:
     """Refuse an output folder that is an input's folder or lies inside one (for URIs: the
     same prefix, or one under it)."""
+    from raymerge.storage.lora import is_lora, parse_uri
+
     real_out = out.rstrip("/") if "://" in out else os.path.realpath(out)
-    for root in inputs:
+    roots = [part for root in inputs for part in (parse_uri(root) if is_lora(root) else (root,))]
+    for root in roots:
         if ("://" in root) != ("://" in out):
             continue
         real_in = root.rstrip("/") if "://" in root else os.path.realpath(root)
@@ -62,6 +65,14 @@ def check_not_an_input(out: str, inputs: list[str]) -> None:
                 f"output folder {out} is the input checkpoint {root} or lies inside it; "
                 "raymerge never writes into its inputs: choose another output folder"
             )
+
+
+def holds_complete(destination: Destination, digest: str) -> bool:
+    """Whether the folder holds this merge (same digest), complete."""
+    record = _load(destination.read_text(RUN_RECORD))
+    return bool(record) and record.get("digest") == digest and (
+        destination.read_text(COMPLETE) is not None
+    )
 
 
 class Ledger:

@@ -55,10 +55,12 @@ NOTES: dict[str, str] = {
     "their tensor names and shapes match, and the plan refuses what does not",
     "unsafe_truncate_embeddings": "raymerge never truncates embeddings: `tokenizer_source: "
     "base` cuts or pads vocabulary rows to the base's; other size mismatches are refused",
-    "transformers_cache": "ignored: raymerge downloads nothing; it reads local folders, "
-    ".safetensors files and s3:// prefixes",
-    "lora_merge_cache": "ignored: LoRA inputs (model+lora) are not supported yet",
-    "lora_merge_dtype": "ignored: LoRA inputs (model+lora) are not supported yet",
+    "transformers_cache": "ignored: Hugging Face models are found in HF_HUB_CACHE (or "
+    "HF_HOME), else read in place from the Hub (docs/hub.md)",
+    "lora_merge_cache": "ignored: a LoRA input (model+lora) is applied to the rows as workers "
+    "read them; no merged copy is written",
+    "lora_merge_dtype": "ignored: a LoRA delta is computed in fp32 and rounded once to each "
+    "base tensor's stored dtype",
     "low_cpu_memory": "ignored: each worker holds at most --worker-memory (default: half the "
     "node's memory over its workers); larger tensors are merged in row ranges",
     "clone_tensors": "ignored: every output tensor is written once, by its own work unit",
@@ -173,7 +175,8 @@ def map_flags(given: dict[str, Any]) -> Mapped:
             if not value:
                 mapped.notes.append(
                     "--no-copy-tokenizer: no tokenizer files are copied; tokenizer_source still "
-                    "decides the embedding rows (`base`), and config.json is copied as always"
+                    "decides the embedding rows (`base`), and config.json is copied as always "
+                    "(a tokenizer raymerge builds, `union`, is written, as mergekit does)"
                 )
         elif name == "quiet":
             mapped.options["progress"] = not value

@@ -25,17 +25,20 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raymerge.checkpoint import Checkpoint
 from raymerge.dtypes import FLOAT_DTYPES, itemsize
 from raymerge.errors import ConfigError
-from raymerge.mapping import TensorJob, map_tensors, output_shape
+from raymerge.mapping import RowFill, TensorJob, map_tensors, output_shape, vocab_row_maps
 from raymerge.methods import REGISTRY
 from raymerge.methods.base import block_rows, rows_of
 from raymerge.safetensors_format import TensorEntry, build_header
 from raymerge.sizes import human
 from raymerge.spec import MergeSpec
+
+if TYPE_CHECKING:
+    from raymerge.tokenizer import Vocabulary
 
 # tensors larger than this (or than WHOLE_TENSOR_PARTS parts) are cut across write parts at
 # block boundaries: an S3 part may hold at most 5 GiB, and a part's bytes are sent together
@@ -65,6 +68,23 @@ class InputTensor:
     start: int
     end: int
     pad_from: int | None = None  # fewer vocab rows: take the rest from this source position
+    # rows matched by token string (mapping.vocab_row_maps): (output row, stored row, count)
+    # runs of the rows this input has, and how the others are filled; None: rows by position
+    runs: tuple[tuple[int, int, int], ...] | None = None
+    fills: tuple[RowFill, ...] = ()
+
+    @property
+    def assembled(self) -> bool:
+        """Whether a worker copies this input's rows into place (a mapped input that is not
+        row for row its stored tensor): its rows are then held twice while merging."""
+        if self.runs is None:
+            return False
+        return bool(self.fills) or self.runs != ((0, 0, self.shape[0]),)
+
+    def fill_bytes(self, row_elements: int) -> int:
+        """Bytes of the stored rows its `row` fills read (tokens: overrides), in all."""
+        return sum(f.count * itemsize(f.dtype) * row_elements
+                   for f in self.fills if f.kind == "row")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,8 @@ class OutputTensor:
     shared: dict[str, Any] = field(default_factory=dict)
     per_input: tuple[dict[str, Any], ...] = ()
     scratch: float = 0.0  # fp32 words per element the method holds at its peak
+    shared_row_input: int = 0  # in a batch: input bytes per row all recipes read together
+    extra_input: int = 0  # rows matched by token string: bytes a piece may read beside its rows
 
     @property
     def nbytes(self) -> int:
@@ -108,7 +130,8 @@ class OutputTensor:
         return block_rows(self.shape)
 
     def input_bytes_per_row(self) -> int:
-        return sum(itemsize(s.dtype) for s in self.sources) * self.row_elements
+        own = sum(itemsize(s.dtype) * (2 if s.assembled else 1) for s in self.sources)
+        return max(own * self.row_elements, self.shared_row_input)
 
     def bytes_per_row(self) -> tuple[int, int]:
         """(input + output bytes, fp32 scratch bytes) that merging one row takes: a worker
@@ -207,6 +230,91 @@ def unit_batches(units: list[Unit]) -> list[UnitBatch]:
 
 
 @dataclass(frozen=True)
+class RecipeUnit:
+    """A unit of one recipe of a batch, for the stages that run per recipe."""
+
+    recipe: int
+    unit: Unit
+
+    @property
+    def key(self) -> str:
+        return f"{self.recipe}:{self.unit.key}"
+
+    @property
+    def nbytes(self) -> int:
+        return self.unit.nbytes
+
+    @property
+    def input_bytes(self) -> int:
+        return self.unit.input_bytes
+
+
+@dataclass(frozen=True)
+class SharedItem:
+    """Work items of several recipes (a UnitBatch or a PartJob each) whose units cover the
+    same rows, position by position: a worker reads the bytes they share once."""
+
+    members: tuple[tuple[int, UnitBatch | PartJob], ...]  # (recipe, its item)
+    whole_parts: bool
+
+    @property
+    def key(self) -> str:
+        recipe, item = self.members[0]
+        return f"{recipe}:{item.key}"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(item.nbytes for _, item in self.members)
+
+    @property
+    def input_bytes(self) -> int:
+        return self.members[0][1].input_bytes + self.nbytes  # reads once, writes each
+
+    @property
+    def label(self) -> str:
+        return f"{len(self.members)} recipe(s)"
+
+
+def unit_signature(plan: Plan, unit: Unit) -> tuple:
+    """Which rows of which tensors a unit covers: units of a batch's recipes with the same
+    signature go to a worker together, which reads the bytes they share once."""
+    return tuple(
+        (plan.tensors[p.tensor].name, plan.tensors[p.tensor].shape, p.row_start, p.row_end)
+        for p in unit.pieces
+    )  # fmt: skip
+
+
+def shared_input_rows(plans: list[Plan]) -> dict[str, int]:
+    """Tensor name -> input bytes per row that the recipes reading it read together (each
+    distinct input once): a shared unit holds that much, so each recipe is cut for it."""
+    reads: dict[str, set[tuple]] = {}
+    for plan in plans:
+        for tensor in plan.tensors:
+            keys = reads.setdefault(tensor.name, set())
+            for s in tensor.sources:
+                keys.add((plan.inputs[s.input], s.file, s.start, s.end, itemsize(s.dtype)))
+    row_elements = {t.name: t.row_elements for plan in plans for t in plan.tensors}
+    return {name: sum(k[4] for k in keys) * row_elements[name] for name, keys in reads.items()}
+
+
+def share_items(plans: list[Plan], items: list[list], whole_parts: bool,
+                outputs_per_item: int) -> list[SharedItem]:  # fmt: skip
+    """Group the recipes' work items (items[r] for plans[r]) that cover the same rows; a
+    group holds at most `outputs_per_item` members where each keeps its output until the
+    end (whole parts), so a worker's memory stays in its bound."""
+    groups: dict[tuple, list[tuple[int, Any]]] = {}
+    for recipe, (plan, recipe_items) in enumerate(zip(plans, items)):
+        for item in recipe_items:
+            signature = tuple(unit_signature(plan, u) for u in item.units)
+            groups.setdefault(signature, []).append((recipe, item))
+    size = max(1, outputs_per_item) if whole_parts else len(plans)
+    return [
+        SharedItem(tuple(members[i : i + size]), whole_parts)
+        for members in groups.values() for i in range(0, len(members), size)
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Piece:
     """Rows [row_start, row_end) of one output tensor (all of it when `whole`)."""
 
@@ -263,6 +371,7 @@ class Plan:
     digest: str
     num_layers: int = 0  # the output's layers (config.json's num_hidden_layers)
     worker_memory: int | None = None
+    vocabulary: Vocabulary | None = None  # rows matched by token string: the output's tokens
 
     @property
     def bytes_to_write(self) -> int:
@@ -300,12 +409,24 @@ class Plan:
 
 
 def make_plan(
-    spec: MergeSpec, checkpoints: list[Checkpoint], worker_memory: int | None = None
-) -> Plan:
+    spec: MergeSpec, checkpoints: list[Checkpoint], worker_memory: int | None = None,
+    scratch_floor: float = 0.0, shared_rows: dict[str, int] | None = None,
+) -> Plan:  # fmt: skip
     """Plan the merge of `checkpoints` (one per spec input, in order); `worker_memory` bounds
-    what one worker holds (None: no bound, units are whole parts)."""
+    what one worker holds (None: no bound, units are whole parts). A batch plans every
+    recipe for the largest scratch of its methods (`scratch_floor`) and for the inputs its
+    recipes read together (`shared_rows`, from shared_input_rows), so its recipes are cut
+    into the same units and a shared unit stays within the memory bound."""
     jobs, num_layers = map_tensors(spec, checkpoints)
-    tensors = [_plan_tensor(spec, checkpoints, job) for job in jobs]
+    vocabulary = None
+    if spec.vocab is not None:
+        from raymerge.tokenizer import build_vocabulary
+
+        vocabulary = build_vocabulary(spec, checkpoints)
+    tensors = [_plan_tensor(spec, checkpoints, job, scratch_floor, vocabulary) for job in jobs]
+    if shared_rows:
+        tensors = [dataclasses.replace(t, shared_row_input=shared_rows.get(t.name, 0))
+                   for t in tensors]  # fmt: skip
     _check_across_tensors(spec, tensors)
     shards, placed = _layout(_group_into_shards(tensors, spec.shard_size))
     parts = _cut_parts(shards, placed, spec.part_size)
@@ -321,38 +442,61 @@ def make_plan(
         digest="",
         num_layers=num_layers,
         worker_memory=worker_memory,
+        vocabulary=vocabulary,
     )
     return dataclasses.replace(plan, digest=_digest(spec, checkpoints, plan))
 
 
-def _plan_tensor(spec: MergeSpec, checkpoints: list[Checkpoint], job: TensorJob) -> OutputTensor:
+def _plan_tensor(spec: MergeSpec, checkpoints: list[Checkpoint], job: TensorJob,
+                 scratch_floor: float = 0.0, vocabulary: Vocabulary | None = None,
+                 ) -> OutputTensor:  # fmt: skip
     entries = [checkpoints[i].tensors[name] for i, name in job.sources]
     out_slice = spec.slices[job.slice_index]
     reference = out_slice.base if out_slice.base is not None else 0
-    if not all(e.dtype in FLOAT_DTYPES for e in entries):
+    maps = None if vocabulary is None else vocab_row_maps(spec, checkpoints, job, vocabulary)
+    if maps is None and not all(e.dtype in FLOAT_DTYPES for e in entries):
         source = _input_tensor(job.sources[reference][0], entries[reference])
         first = entries[reference]
         return OutputTensor(
             job.name, first.dtype, first.shape, -1, 0, first.nbytes, job.layer, "copy",
             (source,), None,
         )  # fmt: skip
-    shape = output_shape(spec, checkpoints, job)
+    shape = output_shape(spec, checkpoints, job) if maps is None else maps[0]
     dtype = spec.out_dtype or entries[reference].dtype
     shared, per_input = spec.resolve(job.slice_index, job.name, [n for _, n in job.sources], job.t)
     if spec.method.check is not None:
         problem = spec.method.check(shared, per_input)
         if problem:
             raise ConfigError(f"{spec.source}: tensor {job.name!r}: {problem}")
-    sources = tuple(
-        _input_tensor(i, entry, shape[0] if entry.shape != shape else None, out_slice.base)
-        for (i, _), entry in zip(job.sources, entries)
-    )
+    if maps is None:
+        sources = tuple(
+            _input_tensor(i, entry, shape[0] if entry.shape != shape else None, out_slice.base)
+            for (i, _), entry in zip(job.sources, entries)
+        )
+    else:
+        sources = tuple(
+            InputTensor(i, e.file, e.dtype, e.shape, e.start, e.end, None, m.runs, m.fills)
+            for (i, _), e, m in zip(job.sources, entries, maps[1])
+        )  # fmt: skip
     nbytes = math.prod(shape) * itemsize(dtype)
-    scratch = REGISTRY[spec.method.name].scratch_words(len(sources))
-    return OutputTensor(
+    scratch = max(scratch_floor, REGISTRY[spec.method.name].scratch_words(len(sources)))
+    tensor = OutputTensor(
         job.name, dtype, shape, -1, 0, nbytes, job.layer, "merge", sources, out_slice.base,
         shared, tuple(per_input), scratch,
     )  # fmt: skip
+    if maps is None:
+        return tensor
+    return dataclasses.replace(tensor, extra_input=_extra_input(tensor))
+
+
+def _extra_input(tensor: OutputTensor) -> int:
+    """What a piece of a token-matched tensor may read beside its rows: its `row` fills
+    (tokens: overrides) and, where rows are padded, one block of rows of every input at a
+    time while a worker takes the mean of each input's rows (worker._pad_means)."""
+    fills = sum(s.fill_bytes(tensor.row_elements) for s in tensor.sources)
+    if not any(f.kind == "pad" for s in tensor.sources for f in s.fills):
+        return fills
+    return 2 * fills + tensor.block_rows * tensor.input_bytes_per_row()
 
 
 def _check_across_tensors(spec: MergeSpec, tensors: list[OutputTensor]) -> None:
@@ -488,13 +632,14 @@ def _pieces(
     first = max(0, (part.start - tensor.start) // row_bytes)
     last = tensor.rows if tensor.end <= part.end else (part.end - tensor.start) // row_bytes
     per_row = tensor.memory_per_row()
+    extra = UNITS_IN_MEMORY * tensor.extra_input  # 0 but for rows matched by token string
     whole_in_part = first == 0 and last == tensor.rows
-    if whole_in_part and (memory is None or per_row * tensor.rows <= memory):
+    if whole_in_part and (memory is None or per_row * tensor.rows + extra <= memory):
         return [Piece(index, 0, tensor.rows, True)]
-    if memory is not None and per_row * tensor.block_rows > memory:
-        raise ConfigError(_too_big(tensor, per_row * tensor.block_rows, memory, "block"))
-    _check_splittable(spec, tensor, per_row * tensor.rows, memory)
-    step_rows = tensor.rows if memory is None else memory // per_row
+    if memory is not None and per_row * tensor.block_rows + extra > memory:
+        raise ConfigError(_too_big(tensor, per_row * tensor.block_rows + extra, memory, "block"))
+    _check_splittable(spec, tensor, per_row * tensor.rows + extra, memory)
+    step_rows = tensor.rows if memory is None else (memory - extra) // per_row
     step_rows = max(tensor.block_rows, step_rows // tensor.block_rows * tensor.block_rows)
     cuts = list(range(first, last, step_rows)) + [last]
     return [Piece(index, lo, hi, False) for lo, hi in zip(cuts, cuts[1:])]
@@ -528,7 +673,7 @@ def _io_and_scratch(tensors: list[OutputTensor], pieces: list[Piece]) -> tuple[i
     io, scratch = 0, 0
     for p in pieces:
         row_io, row_scratch = tensors[p.tensor].bytes_per_row()
-        io += row_io * (p.row_end - p.row_start)
+        io += row_io * (p.row_end - p.row_start) + tensors[p.tensor].extra_input
         scratch = max(scratch, row_scratch * (p.row_end - p.row_start))
     return io, scratch
 
@@ -552,7 +697,7 @@ def _unit(index: int, part: Part, tensors: list[OutputTensor], shards: list[Shar
     if start <= shards[part.shard].header_size:
         start = part.start  # the header (and any padding) goes with the first tensor
     inputs = sum(tensors[p.tensor].input_bytes_per_row() * (p.row_end - p.row_start)
-                 for p in pieces)  # fmt: skip
+                 + tensors[p.tensor].extra_input for p in pieces)  # fmt: skip
     _, scratch = _io_and_scratch(tensors, pieces)
     return Unit(index, part.shard, part.number, start, end, tuple(pieces), inputs,
                 inputs + end - start, scratch)  # fmt: skip
@@ -573,5 +718,7 @@ def _digest(spec: MergeSpec, checkpoints: list[Checkpoint], plan: Plan) -> str:
             (t.name, t.dtype, t.shape, t.start, t.op, t.shared, t.per_input) for t in plan.tensors
         ],
     }
+    if plan.vocabulary is not None:  # the tokenizer files read and the vocabulary built
+        record["vocabulary"] = plan.vocabulary.digest
     text = json.dumps(record, sort_keys=True, separators=(",", ":"), default=list)
     return hashlib.sha256(text.encode()).hexdigest()

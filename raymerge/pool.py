@@ -45,15 +45,17 @@ class PoolOptions:
 
 
 class _WorkerActor:
-    """A Ray actor around worker.UnitRunner; one per worker slot."""
+    """A Ray actor around worker.UnitRunner (or, for a batch of recipes, SharedRunner); one
+    per worker slot."""
 
     def __init__(self, context: Any, threads: int) -> None:
         import torch
 
-        from raymerge.worker import UnitRunner
+        from raymerge.worker import BatchContext, SharedRunner, UnitRunner
 
         torch.set_num_threads(threads)
-        self.runner = UnitRunner(context)
+        batch = isinstance(context, BatchContext)
+        self.runner = SharedRunner(context) if batch else UnitRunner(context)
 
     def ready(self) -> bool:
         return True
@@ -69,6 +71,10 @@ class _WorkerActor:
     def run_part(self, item: Any, payload: Any = None) -> Any:
         _maybe_inject_fault(item)
         return self.runner.run_part(item, payload)
+
+    def run_shared(self, item: Any, payload: Any = None) -> Any:
+        _maybe_inject_fault(item)
+        return self.runner.run_shared(item, payload)
 
     def statistic(self, item: Any, payload: Any) -> Any:
         _maybe_inject_fault(item)
@@ -87,15 +93,19 @@ def _with_fault_hook(runtime_env: dict | None) -> dict | None:
 
 
 def _maybe_inject_fault(item: Any) -> None:
-    """Test hook: RAYMERGE_FAULT=(raise|exit|hang):KEY:MARKER_DIR fails the item with that
-    key (or holding the unit with that key) once: raises, kills the worker process, or
-    never returns."""
+    inject_fault({item.key, *(u.key for u in getattr(item, "units", ()))})  # a batch: any unit
+
+
+def inject_fault(keys: set[str]) -> None:
+    """Test hook: RAYMERGE_FAULT=(raise|fail|exit|hang):KEY:MARKER_DIR fails the item with
+    that key (or holding the unit with that key; in a batch of recipes, RECIPE/UNIT) once:
+    raises an OSError (retried), raises MergeFailed (a merge error, not retried), kills the
+    worker process, or never returns."""
     spec = os.environ.get("RAYMERGE_FAULT")
     if not spec:
         return
     mode, key, marker_dir = spec.split(":", 2)
-    marker = os.path.join(marker_dir, f"fault-{key}")
-    keys = {item.key, *(u.key for u in getattr(item, "units", ()))}  # a batch: any unit
+    marker = os.path.join(marker_dir, f"fault-{key.replace('/', '_')}")
     if key not in keys or os.path.exists(marker):
         return
     with open(marker, "w") as f:
@@ -104,6 +114,8 @@ def _maybe_inject_fault(item: Any) -> None:
         os._exit(1)
     if mode == "hang":
         time.sleep(3600)
+    if mode == "fail":
+        raise MergeFailed(f"injected merge error on {key}")
     raise OSError(f"injected fault on {key}")
 
 

@@ -54,6 +54,9 @@ class RunOptions:
     allow_local_destination: bool = False  # a local OUT on a multi-node cluster is shared
     copy_tokenizer: bool = True  # copy tokenizer_source's tokenizer files (mergekit's default)
 
+    def worker_memory_bytes(self) -> int:
+        return self.worker_memory or default_worker_memory(self.workers)
+
     def pool(self, plan: Plan, whole_parts: bool) -> PoolOptions:
         return PoolOptions(
             self.workers, self.cpus_per_worker, self.gpus_per_worker, self.max_attempts,
@@ -85,6 +88,16 @@ class RunSummary:
     seconds_startup: float = 0.0
     worker_seconds: dict[str, float] = field(default_factory=dict)
 
+    def add(self, results: list) -> None:
+        """Count a work item's unit results."""
+        for result in results:
+            self.units_done += 1
+            self.bytes_read += result.bytes_read
+            self.bytes_written += result.bytes_written
+            busy = result.seconds_read + result.seconds_merge + result.seconds_write
+            worker = result.worker
+            self.worker_seconds[worker] = self.worker_seconds.get(worker, 0) + busy
+
     def lines(self) -> list[str]:
         merge = max(self.seconds_merge, 1e-9)
         lines = [
@@ -113,37 +126,24 @@ def run_merge(
     s3_settings = S3Settings.resolve(options.s3_endpoint, options.s3_retry_mode)
     s3.configure(s3_settings)
     check_writable_destination(out)
-    out = out if is_remote(out) else os.path.abspath(out)
-    destination = open_destination(out, options.fsync)
-    checkpoints = [open_checkpoint(m.path) for m in spec.inputs]
-    check_not_an_input(out, [c.source.root for c in checkpoints])
-    check_part_size(spec, destination)
-    memory = options.worker_memory or default_worker_memory(options.workers)
-    plan = make_plan(spec, checkpoints, memory)
+    out, destination, checkpoints = open_output(spec, out, options)
+    plan = make_plan(spec, checkpoints, options.worker_memory_bytes())
     startup = time.perf_counter()
-    with ray_session(options.address, _local_cpus(options)):  # before anything is written
-        if not is_remote(out) and not options.allow_local_destination:
-            check_single_node(out)
-        owned = [*(s.name for s in plan.shards), HF_INDEX, TENSOR_INDEX, COMPLETE, *SIDE_FILES,
-                 *CARD_FILES]  # fmt: skip
-        ledger = Ledger(destination, plan, owned)
+    with ray_session(options.address, local_cpus(options)):  # before anything is written
+        check_destination_shared(out, options)
+        ledger = Ledger(destination, plan, owned_files(plan))
         ledger.claim(options.force, log)
         try:
-            plan_table = table_bytes(tensor_table(plan, defaultdict(str), list(plan.inputs)))
-            ledger.write_run_record(spec.to_json(), plan_table)
+            ledger.write_run_record(spec.to_json(), plan_table(plan))
             shards = ShardBook(destination, plan, ledger)
             summary = RunSummary(out, plan, units_resumed=len(ledger.done))
             pending = [u for u in plan.units if u.key not in ledger.done]
             if pending:
-                context = WorkContext(
-                    plan.method, plan.seed, plan.inputs, out, tuple(s.name for s in plan.shards),
-                    tuple(s.header for s in plan.shards), shards.tokens, plan.tensors,
-                    "cuda" if options.gpus_per_worker > 0 else "cpu", s3_settings,
-                )  # fmt: skip
+                context = work_context(plan, out, shards, options, s3_settings)
                 _merge(plan, context, destination, shards, ledger, pending, options, summary,
                        log)  # fmt: skip
             summary.seconds_startup = time.perf_counter() - startup - summary.seconds_merge
-            _finish(destination, plan, spec, checkpoints, shards, options.copy_tokenizer)
+            finish_output(destination, plan, spec, checkpoints, shards, options.copy_tokenizer)
         except (ConfigError, CheckpointError):
             ledger.abort_unfinished()  # a rerun cannot resume: leave no upload open
             raise
@@ -151,6 +151,43 @@ def run_merge(
             ledger.release()
     summary.seconds_total = time.perf_counter() - started
     return summary
+
+
+def open_output(spec: MergeSpec, out: str, options: RunOptions):
+    """(out as the ledger names it, its Destination, the input checkpoints), after the
+    checks that need no Ray: the inputs' headers, OUT not an input, the part size."""
+    out = out if is_remote(out) else os.path.abspath(out)
+    destination = open_destination(out, options.fsync)
+    checkpoints = [open_checkpoint(m.path) for m in spec.inputs]
+    check_not_an_input(out, [c.source.root for c in checkpoints])
+    check_part_size(spec, destination)
+    return out, destination, checkpoints
+
+
+def check_destination_shared(out: str, options: RunOptions) -> None:
+    """On a multi-node cluster a local OUT must be a shared filesystem, said so by flag."""
+    if not is_remote(out) and not options.allow_local_destination:
+        check_single_node(out)
+
+
+def owned_files(plan: Plan) -> list[str]:
+    """The files a merge writes besides its ledger: what --force may remove."""
+    return [*(s.name for s in plan.shards), HF_INDEX, TENSOR_INDEX, COMPLETE, *SIDE_FILES,
+            *CARD_FILES]  # fmt: skip
+
+
+def plan_table(plan: Plan) -> bytes:
+    """The plan's tensor table (no checksums yet), as the run record keeps it."""
+    return table_bytes(tensor_table(plan, defaultdict(str), list(plan.inputs)))
+
+
+def work_context(plan: Plan, out: str, shards: ShardBook, options: RunOptions,
+                 s3_settings: S3Settings) -> WorkContext:  # fmt: skip
+    return WorkContext(
+        plan.method, plan.seed, plan.inputs, out, tuple(s.name for s in plan.shards),
+        tuple(s.header for s in plan.shards), shards.tokens, plan.tensors,
+        "cuda" if options.gpus_per_worker > 0 else "cpu", s3_settings,
+    )  # fmt: skip
 
 
 def check_part_size(spec: MergeSpec, destination) -> None:
@@ -175,20 +212,14 @@ def _merge(plan, context, destination, shards, ledger, pending, options, summary
         merge_started = time.perf_counter()
         facts = stages.prepare(pool, plan, REGISTRY[plan.method], ledger, log)
         summary.seconds_prepare = time.perf_counter() - merge_started if facts else 0.0
-        bar = _progress_bar(options.progress, plan.bytes_to_write,
+        bar = progress_bar(options.progress, plan.bytes_to_write,
                             plan.bytes_to_write - sum(u.nbytes for u in pending))  # fmt: skip
 
         def merged(item, results) -> None:
             shards.units_done(list(item.units), results)
-            for result in results:
-                summary.units_done += 1
-                summary.bytes_read += result.bytes_read
-                summary.bytes_written += result.bytes_written
-                busy = result.seconds_read + result.seconds_merge + result.seconds_write
-                worker = result.worker
-                summary.worker_seconds[worker] = summary.worker_seconds.get(worker, 0) + busy
-                if bar is not None:
-                    bar.update(result.bytes_written)
+            summary.add(results)
+            if bar is not None:
+                bar.update(sum(r.bytes_written for r in results))
 
         def item_facts(item) -> dict | None:
             mine = {p.tensor: facts[p.tensor] for u in item.units for p in u.pieces
@@ -207,12 +238,12 @@ def _merge(plan, context, destination, shards, ledger, pending, options, summary
         pool.close()
 
 
-def _local_cpus(options: RunOptions) -> int:
+def local_cpus(options: RunOptions) -> int:
     wanted = (options.workers or 1) * max(options.cpus_per_worker, 0)
     return max(os.cpu_count() or 1, int(wanted + 0.999))
 
 
-def _finish(destination, plan: Plan, spec: MergeSpec, checkpoints: list[Checkpoint],
+def finish_output(destination, plan: Plan, spec: MergeSpec, checkpoints: list[Checkpoint],
             shards: ShardBook, copy_tokenizer: bool = True) -> None:  # fmt: skip
     """Side files, the model card and the normalized config, then the indexes, then
     COMPLETE: nothing looks complete before it is. The card is written after the copied
@@ -233,19 +264,30 @@ def _copy_side_files(
     copy_tokenizer: bool = True,
 ) -> None:  # fmt: skip
     """config.json from the base (or first) model, tokenizer files from tokenizer_source
-    (unless `copy_tokenizer` is off)."""
+    (unless `copy_tokenizer` is off). With rows matched by token string the tokenizer files
+    are the output vocabulary's (always written, as mergekit saves the tokenizer it built)
+    and config.json's vocab_size is its row count."""
     reference = checkpoints[spec.reference_input]
     config = reference.read_json("config.json")
+    vocabulary = plan.vocabulary
     if config is not None:
         if spec.uses_slices and "num_hidden_layers" in config:
             config["num_hidden_layers"] = plan.num_layers
+        if vocabulary is not None:
+            text = config.get("text_config")
+            nested = "vocab_size" not in config and isinstance(text, dict) and "vocab_size" in text
+            holder = text if nested else config
+            holder["vocab_size"] = vocabulary.rows
         if spec.out_dtype is not None:
             config["torch_dtype"] = {
                 "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
             }.get(spec.out_dtype, config.get("torch_dtype"))  # fmt: skip
         destination.write_file("config.json", (json.dumps(config, indent=2) + "\n").encode())
     _copy_files(destination, reference, ("generation_config.json",))
-    if spec.tokenizer_source is not None and copy_tokenizer:
+    if vocabulary is not None:
+        for name, body in vocabulary.files:
+            destination.write_file(name, body)
+    elif spec.tokenizer_source is not None and copy_tokenizer:
         _copy_files(destination, checkpoints[spec.tokenizer_source], TOKENIZER_FILES)
 
 
@@ -256,7 +298,7 @@ def _copy_files(destination, checkpoint: Checkpoint, names) -> None:
             destination.write_file(name, source.read_range(name, 0, source.size(name)))
 
 
-def _progress_bar(enabled: bool, total: int, initial: int):
+def progress_bar(enabled: bool, total: int, initial: int):
     if not enabled:
         return None
     from tqdm import tqdm

@@ -44,6 +44,42 @@ class OutputSlice:
 
 
 @dataclass(frozen=True)
+class TokenSource:
+    """One `tokenizer.tokens` entry: where the rows of `token` come from (mergekit's
+    TokenEmbeddingConfig). `kind` is "model" (that input's row for the token), "zero", or
+    "model_token" (that input's row for `source_token`, or its row `source_id`)."""
+
+    token: str
+    kind: str
+    input: int | None = None
+    source_token: str | None = None
+    source_id: int | None = None
+    force: bool = False  # every model takes this row, even one that has the token
+
+    def to_json(self) -> dict[str, Any]:
+        return {"token": self.token, "kind": self.kind, "input": self.input,
+                "source_token": self.source_token, "source_id": self.source_id,
+                "force": self.force}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VocabSpec:
+    """Embedding and lm_head rows matched by token string (mergekit's PermutedEmbeddings):
+    the output vocabulary is the union of every input's tokenizer (`source` "union"), or the
+    tokenizer of input `input` ("base" or "model"), plus the `tokens` overrides' tokens."""
+
+    source: str  # "union", "base" or "model"
+    input: int  # the tokenizer the output vocabulary starts from (its files are the model)
+    tokens: tuple[TokenSource, ...] = ()
+    pad_to_multiple_of: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "input": self.input,
+                "tokens": [t.to_json() for t in self.tokens],
+                "pad_to_multiple_of": self.pad_to_multiple_of}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class MergeSpec:
     method: MergeMethod
     inputs: tuple[InputModel, ...]
@@ -54,6 +90,7 @@ class MergeSpec:
     out_dtype: str | None = None
     tokenizer_source: int | None = None  # input whose tokenizer files are copied
     resize_vocab: bool = False  # tokenizer_source: base, so vocab rows follow the base
+    vocab: VocabSpec | None = None  # rows matched by token string (union, tokens:, padding)
     seed: int = 0
     shard_size: int = DEFAULT_SHARD_SIZE
     part_size: int = DEFAULT_PART_SIZE
@@ -67,7 +104,7 @@ class MergeSpec:
 
     def to_json(self) -> dict[str, Any]:
         """A canonical description of the merge, for hashing and the run record."""
-        return {
+        record = {
             "merge_method": self.method.name,
             "inputs": [m.path for m in self.inputs],
             "slices": [
@@ -83,6 +120,9 @@ class MergeSpec:
             "resize_vocab": self.resize_vocab,
             "seed": self.seed,
         }
+        if self.vocab is not None:  # only then: the records of other merges stay as they were
+            record["tokenizer"] = self.vocab.to_json()
+        return record
 
     def resolve(
         self, slice_index: int, output_name: str, source_names: list[str], t: float

@@ -9,6 +9,8 @@ Tensors never leave the worker: it returns checksums, statistics and timings.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import dataclasses
 import math
 import os
@@ -21,11 +23,12 @@ from typing import Any
 
 from raymerge.checksum import checksum
 from raymerge.dtypes import itemsize, torch_dtype
-from raymerge.errors import MergeFailed
+from raymerge.errors import MergeFailed, RaymergeError
 from raymerge.lazy import torch
 from raymerge.methods import REGISTRY
-from raymerge.methods.base import CPU_CHUNK, MergeInputs, add_stats, rows_of
-from raymerge.plan import OutputTensor, PartJob, Piece, Unit, UnitBatch
+from raymerge.methods.base import CPU_CHUNK, SUM_CHUNK, MergeInputs, add_stats, rows_of
+from raymerge.plan import OutputTensor, PartJob, Piece, RecipeUnit, SharedItem, Unit, UnitBatch
+from raymerge.pool import inject_fault
 from raymerge.storage import open_destination, open_source, s3
 from raymerge.storage.base import Destination, Source
 from raymerge.storage.s3 import S3Settings
@@ -95,25 +98,45 @@ class _Slot:
         return self.buffers["in"][start : start + nbytes]
 
 
+class _Pipeline:
+    """The slots and stage locks of one worker: shared by every recipe a worker merges, so
+    a batch of recipes holds no more buffers than one merge."""
+
+    def __init__(self, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self.slots = [_Slot(cuda) for _ in range(PIPELINE_DEPTH)]
+        # host-to-device copies run on their own stream, so the next unit's copy overlaps
+        # this unit's kernels; the merge stage waits for its own copies' event
+        self.copies = torch.cuda.Stream(device) if cuda else None
+        self.free = threading.Semaphore(PIPELINE_DEPTH)
+        self.slot_lock = threading.Lock()
+        self.fetching, self.merging, self.writing = (threading.Lock() for _ in range(3))
+
+
 class UnitRunner:
     """Holds the open sources, the destination and the pipeline for a worker's lifetime."""
 
-    def __init__(self, context: WorkContext) -> None:
+    def __init__(self, context: WorkContext, pipeline: _Pipeline | None = None,
+                 sources: dict[str, Source] | None = None) -> None:  # fmt: skip
         self.context = context
         s3.configure(context.s3)
-        self.sources: list[Source] = [open_source(root) for root in context.inputs]
+        opened = {} if sources is None else sources  # by root: shared across recipes
+        for root in context.inputs:
+            if root not in opened:
+                opened[root] = open_source(root)
+        self.sources: list[Source] = [opened[root] for root in context.inputs]
         self.destination: Destination = open_destination(context.destination)
         self.device = torch.device(context.device)
         self.method = REGISTRY[context.method]
         self.chunk = CPU_CHUNK if self.device.type == "cpu" else None
-        cuda = self.device.type == "cuda"
-        self._slots = [_Slot(cuda) for _ in range(PIPELINE_DEPTH)]
-        # host-to-device copies run on their own stream, so the next unit's copy overlaps
-        # this unit's kernels; the merge stage waits for its own copies' event
-        self._copies = torch.cuda.Stream(self.device) if cuda else None
-        self._free = threading.Semaphore(PIPELINE_DEPTH)
-        self._slot_lock = threading.Lock()
-        self._fetching, self._merging, self._writing = (threading.Lock() for _ in range(3))
+        pipeline = pipeline or _Pipeline(self.device)
+        self._slots, self._copies, self._free = pipeline.slots, pipeline.copies, pipeline.free
+        self._slot_lock = pipeline.slot_lock
+        self._fetching, self._merging, self._writing = (
+            pipeline.fetching, pipeline.merging, pipeline.writing
+        )  # fmt: skip
+        self._pad_lock = threading.Lock()
+        self._pad_cache: dict[int, list] = {}  # tensor -> each source's mean row (_pad_means)
 
     def run(self, unit: Unit, facts: dict[int, dict] | None = None) -> UnitResult:
         """Merge `unit` (facts: per split tensor, what its prepare stage found) and write it."""
@@ -133,41 +156,27 @@ class UnitRunner:
     def run_part(self, job: PartJob, facts: dict[int, dict] | None = None) -> list[UnitResult]:
         """Merge every unit of one write part into one buffer, then send the part in one call
         (an S3 upload part); each unit's result carries the part's receipt."""
-        part = job.part
-        with self._slot() as slot:
-            out = slot.buffer("part", part.nbytes)
-            covered = part.start
-            results = []
-            for unit in job.units:
-                if unit.start > covered:  # bytes no unit writes (padding): zeros, as on disk
-                    out[covered - part.start : unit.start - part.start].zero_()
-                target = out[unit.start - part.start : unit.end - part.start]
-                results.append(self._produce(slot, unit, target, facts))
-                covered = unit.end
-            if covered < part.end:
-                out[covered - part.start :].zero_()
-            started = time.perf_counter()  # uploads run side by side: no writing lock
-            receipt = self._write(part.shard, part.number, part.start, out)
-            for result in results:
-                result.receipt = receipt
-            results[-1].seconds_write = time.perf_counter() - started
-            return results
+        return _run_parts([(self, job, facts)], catch=False)[0]
 
     def _produce(self, slot: _Slot, unit: Unit, out: torch.Tensor, facts) -> UnitResult:
         """Read the unit's inputs into the slot, merge them into `out`."""
         result = UnitResult(unit.key, unit.index, [])
-        with self._fetching:  # each stage's time is counted once it holds its lock
-            started = time.perf_counter()
-            slot.start_inputs(self._arena_bytes(unit))
-            inputs = [self._read_piece(slot, p, result) for p in unit.pieces]
-            result.seconds_read = time.perf_counter() - started
+        inputs = self._fetch(slot, unit, result)
+        self._merge_unit(unit, out, inputs, facts, result)
+        return result
+
+    def _fetch(self, slot: _Slot, unit: Unit, result: UnitResult) -> list:
+        """The unit's input rows, read into the slot."""
+        return _fetch_shared(slot, [(self, unit)], result)[0]
+
+    def _merge_unit(self, unit: Unit, out: torch.Tensor, inputs: list, facts,
+                    result: UnitResult) -> None:  # fmt: skip
         with self._merging:
             started = time.perf_counter()
             self._arrived(inputs)
             self._fill(unit, out, inputs, facts or {}, result)
             result.seconds_merge = time.perf_counter() - started
         result.bytes_written = unit.nbytes
-        return result
 
     def _write(self, shard: int, part: int, offset: int, out: torch.Tensor) -> str:
         name, token = self.context.shard_names[shard], self.context.shard_tokens[shard]
@@ -213,42 +222,165 @@ class UnitRunner:
 
     def _arena_bytes(self, unit: Unit) -> int:
         """The unit's input bytes, each input rounded up to ALIGN."""
-        total = 0
-        for piece in unit.pieces:
-            tensor = self.context.tensors[piece.tensor]
-            for source in tensor.sources:
-                have = self._rows_held(source, piece)
-                total += -(-(have * itemsize(source.dtype) * tensor.row_elements) // ALIGN) * ALIGN
-        return total
+        return sum(_aligned(n) for p in unit.pieces for _, _, _, n in self._source_reads(p))
 
     @staticmethod
     def _rows_held(source, piece: Piece) -> int:
         """The piece's rows this source has (fewer where its vocabulary is smaller)."""
         return max(0, min(piece.row_end, rows_of(source.shape)[0]) - piece.row_start)
 
+    def _source_reads(self, piece: Piece) -> list[tuple[tuple, Any, int, int]]:
+        """(key, source, start, bytes) of each input the piece reads; the key names the
+        bytes (same key, same bytes), so recipes of a batch read them once."""
+        tensor = self.context.tensors[piece.tensor]
+        reads = []
+        for source in tensor.sources:
+            if source.runs is not None:
+                reads += self._mapped_reads(tensor, source, piece)
+                continue
+            row_bytes = itemsize(source.dtype) * tensor.row_elements
+            start = source.start + piece.row_start * row_bytes
+            nbytes = self._rows_held(source, piece) * row_bytes
+            key = (self.context.inputs[source.input], source.file, start, nbytes, source.dtype)
+            reads.append((key, source, start, nbytes))
+        return reads
+
+    def _mapped_reads(self, tensor: OutputTensor, source, piece: Piece) -> list:
+        """A source whose rows are matched by token string: one read per run of consecutive
+        stored rows it gives the piece's output rows, one per `row` fill among them (a
+        tokens: override's row); nothing for the other fills."""
+        reads = []
+        root = self.context.inputs[source.input]
+        row_bytes = itemsize(source.dtype) * tensor.row_elements
+        for _, src, count in _runs_in(source.runs, piece.row_start, piece.row_end):
+            start, nbytes = source.start + src * row_bytes, count * row_bytes
+            reads.append(((root, source.file, start, nbytes, source.dtype), source, start, nbytes))
+        for fill, lo, count in _fills_in(source.fills, piece.row_start, piece.row_end):
+            if fill.kind == "row":
+                fill_row = itemsize(fill.dtype) * tensor.row_elements
+                start, nbytes = fill.start + (lo - fill.out_start) * fill_row, count * fill_row
+                key = (self.context.inputs[fill.input], fill.file, start, nbytes, fill.dtype)
+                reads.append((key, fill, start, nbytes))
+        return reads
+
+    def _read_source(self, slot: _Slot, source, start: int, nbytes: int,
+                     result: UnitResult) -> torch.Tensor:  # fmt: skip
+        """`nbytes` of one input from `start`, in its stored dtype, on the work device."""
+        raw = slot.carve(nbytes)
+        if raw.numel():
+            self.sources[source.input].readinto(source.file, start, memoryview(raw.numpy()))
+        result.bytes_read += raw.numel()
+        return self._to_device(raw.view(torch_dtype(source.dtype)))
+
     def _read_piece(self, slot: _Slot, piece: Piece, result: UnitResult) -> list:
         """The piece's rows of every input, in their stored dtypes, on the work device."""
+        reads = self._source_reads(piece)
+        tensors = [self._read_source(slot, s, start, n, result) for _, s, start, n in reads]
+        return self._assemble(piece, tensors)
+
+    def _assemble(self, piece: Piece, tensors: list) -> list:
+        """The piece's inputs shaped as rows of the output tensor (`tensors`: what
+        `_source_reads` names, in its order): where a source has fewer vocab rows, the rest
+        come from the source it pads from; rows matched by token string are put in place
+        and filled (`_arrange`). On a GPU this runs on the copy stream, after the copies."""
         tensor = self.context.tensors[piece.tensor]
         rows = piece.row_end - piece.row_start
-        row_elements = tensor.row_elements
-        tensors = []
-        for source in tensor.sources:
-            row_bytes = itemsize(source.dtype) * row_elements
-            have = self._rows_held(source, piece)
-            raw = slot.carve(have * row_bytes)
-            start = source.start + piece.row_start * row_bytes
-            if raw.numel():
-                self.sources[source.input].readinto(source.file, start, memoryview(raw.numpy()))
-            result.bytes_read += raw.numel()
-            typed = raw.view(torch_dtype(source.dtype))
-            tensors.append(self._to_device(typed))
-        for position, source in enumerate(tensor.sources):
-            if source.pad_from is not None:  # fewer vocab rows: the base's rows fill the rest
-                full = rows * row_elements
-                rest = tensors[source.pad_from][tensors[position].numel() : full]
-                tensors[position] = torch.cat([tensors[position], rest.to(tensors[position].dtype)])
         shape = (rows, *tensor.shape[1:]) if tensor.shape else ()
-        return [t.reshape(shape) for t in tensors]
+        on_copies = (
+            torch.cuda.stream(self._copies) if self._copies is not None
+            else contextlib.nullcontext()
+        )  # fmt: skip
+        with on_copies:
+            if any(s.runs is not None for s in tensor.sources):
+                return [t.reshape(shape) for t in self._arrange(piece, tensors, self.device)]
+            tensors = list(tensors)
+            for position, source in enumerate(tensor.sources):
+                if source.pad_from is not None:
+                    full = rows * tensor.row_elements
+                    rest = tensors[source.pad_from][tensors[position].numel() : full]
+                    tensors[position] = torch.cat(
+                        [tensors[position], rest.to(tensors[position].dtype)]
+                    )
+            return [t.reshape(shape) for t in tensors]
+
+    def _arrange(self, piece: Piece, tensors: list, device: torch.device) -> list:
+        """Each source's rows [row_start, row_end) of a tensor whose rows are matched by
+        token string, as (rows, row elements) in its stored dtype: its own runs put in place
+        (a source that is its stored rows there is used as read), then the other rows
+        filled from the sources' own rows (`copy`, `mean` in float64, rounded once), zeros,
+        an override's rows, or the source's mean row (`pad`)."""
+        tensor = self.context.tensors[piece.tensor]
+        lo, hi = piece.row_start, piece.row_end
+        rows, width = hi - lo, tensor.row_elements
+        reads = iter(tensors)
+        held, pending = [], []
+        for source in tensor.sources:
+            own = [(a - lo, n, next(reads)) for a, _, n in _runs_in(source.runs, lo, hi)]
+            fills = [(f, a - lo, n, next(reads) if f.kind == "row" else None)
+                     for f, a, n in _fills_in(source.fills, lo, hi)]  # fmt: skip
+            if not fills and len(own) == 1 and own[0][:2] == (0, rows):
+                held.append(own[0][2].view(rows, width))
+                pending.append(())
+                continue
+            out = torch.empty((rows, width), dtype=torch_dtype(source.dtype), device=device)
+            for a, n, read in own:
+                out[a : a + n].copy_(read.view(n, width))
+            held.append(out)
+            pending.append(fills)
+        for position, fills in enumerate(pending):
+            target = held[position]
+            for fill, a, n, read in fills:
+                rows_of_fill = target[a : a + n]
+                if fill.kind == "zero":
+                    rows_of_fill.zero_()
+                elif fill.kind == "row":
+                    rows_of_fill.copy_(read.view(n, width))
+                elif fill.kind == "copy":
+                    rows_of_fill.copy_(held[fill.positions[0]][a : a + n])
+                elif fill.kind == "mean":
+                    total = torch.zeros((n, width), dtype=torch.float64, device=device)
+                    for q in fill.positions:
+                        total += held[q][a : a + n]
+                    rows_of_fill.copy_(total / len(fill.positions))
+                elif fill.kind == "pad":
+                    mean = self._pad_means(piece.tensor)[position].to(device)
+                    rows_of_fill.copy_(mean.expand(n, width))
+                else:
+                    raise MergeFailed(f"{tensor.name!r}: unknown row fill {fill.kind!r}")
+        return held
+
+    def _pad_means(self, index: int) -> list:
+        """Per source of tensor `index`: the mean of its rows before the padding (what
+        mergekit puts in pad_to_multiple_of rows), in its stored dtype, on the CPU. The rows
+        are read again block by block through `_source_reads` and `_arrange` and summed in
+        float64 in a fixed order, so every unit (whole or split) gets the same mean; kept for
+        the worker's lifetime."""
+        with self._pad_lock:
+            if index in self._pad_cache:
+                return self._pad_cache[index]
+            tensor = self.context.tensors[index]
+            vocab = min(f.out_start for s in tensor.sources for f in s.fills if f.kind == "pad")
+            totals = [torch.zeros(tensor.row_elements, dtype=torch.float64)
+                      for _ in tensor.sources]  # fmt: skip
+            slot, cpu = _Slot(False), torch.device("cpu")
+            for lo in range(0, vocab, tensor.block_rows):
+                block = Piece(index, lo, min(lo + tensor.block_rows, vocab), False)
+                reads = self._source_reads(block)
+                slot.start_inputs(sum(_aligned(n) for *_, n in reads))
+                raw = []
+                for _, source, start, nbytes in reads:
+                    buffer = slot.carve(nbytes)
+                    if nbytes:
+                        self.sources[source.input].readinto(
+                            source.file, start, memoryview(buffer.numpy())
+                        )
+                    raw.append(buffer.view(torch_dtype(source.dtype)))
+                for total, rows in zip(totals, self._arrange(block, raw, cpu)):
+                    _add_columns(total, rows)
+            means = [(total / vocab).to(torch_dtype(source.dtype))
+                     for total, source in zip(totals, tensor.sources)]  # fmt: skip
+            self._pad_cache[index] = means
+            return means
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         if self._copies is None:
@@ -326,6 +458,183 @@ class UnitRunner:
                 f"expected {list(expected)}"
             )
         return merged
+
+
+@dataclass(frozen=True)
+class BatchContext:
+    """What a worker of a batch needs: each recipe's WorkContext, under its name."""
+
+    names: tuple[str, ...]
+    recipes: tuple[WorkContext, ...]
+
+
+class SharedRunner:
+    """A batch's worker: one UnitRunner per recipe over one pipeline and one set of open
+    sources. A shared item's inputs are read once, then merged and written for each recipe;
+    a recipe whose merge fails gets its error back and the others go on."""
+
+    def __init__(self, context: BatchContext) -> None:
+        pipeline = _Pipeline(torch.device(context.recipes[0].device))
+        sources: dict[str, Source] = {}
+        self.names = context.names
+        self.runners = [UnitRunner(c, pipeline, sources) for c in context.recipes]
+
+    def statistic(self, item: RecipeUnit, request: dict[str, Any]) -> dict[int, dict]:
+        return self.runners[item.recipe].statistic(item.unit, request)
+
+    def run_shared(self, item: SharedItem, facts: list | None = None) -> list:
+        """Per member: its results (as run_batch or run_part give them), or its error."""
+        members = [
+            (self.runners[recipe], work, None if facts is None else facts[m], self.names[recipe])
+            for m, (recipe, work) in enumerate(item.members)
+        ]  # fmt: skip
+        if item.whole_parts:
+            return _run_parts(members, catch=True)
+        return _run_units(members)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def _runs_in(runs, lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
+    """The (output row, stored row, count) runs clipped to output rows [lo, hi)."""
+    i = max(0, bisect.bisect_right(runs, lo, key=lambda run: run[0]) - 1)
+    while i < len(runs) and runs[i][0] < hi:
+        out, src, count = runs[i]
+        a, b = max(out, lo), min(out + count, hi)
+        if a < b:
+            yield a, src + a - out, b - a
+        i += 1
+
+
+def _fills_in(fills, lo: int, hi: int) -> Iterator[tuple[Any, int, int]]:
+    """(fill, first output row, count) of the fills clipped to output rows [lo, hi)."""
+    i = max(0, bisect.bisect_right(fills, lo, key=lambda fill: fill.out_start) - 1)
+    while i < len(fills) and fills[i].out_start < hi:
+        fill = fills[i]
+        a, b = max(fill.out_start, lo), min(fill.out_start + fill.count, hi)
+        if a < b:
+            yield fill, a, b - a
+        i += 1
+
+
+def _add_columns(total: torch.Tensor, rows: torch.Tensor) -> None:
+    """total += the column sums of `rows` (rows, width), in float64, SUM_CHUNK elements at a
+    time in row order (each chunk on one thread: the same for any thread count)."""
+    step = max(1, SUM_CHUNK // max(1, rows.shape[1]))
+    for lo in range(0, rows.shape[0], step):
+        total += rows[lo : lo + step].sum(dim=0, dtype=torch.float64)
+
+
+def _fetch_shared(slot: _Slot, members: list[tuple[UnitRunner, Unit]],
+                  result: UnitResult) -> list[list]:  # fmt: skip
+    """Each member's unit inputs (runner, unit), reading bytes several members need once,
+    into one arena of the slot; the read is counted in `result`."""
+    reads: dict[tuple, tuple] = {}  # key -> (runner, source, start, bytes)
+    keys_of = []
+    for runner, unit in members:
+        per_piece = []
+        for piece in unit.pieces:
+            keys = []
+            for key, source, start, nbytes in runner._source_reads(piece):
+                reads.setdefault(key, (runner, source, start, nbytes))
+                keys.append(key)
+            per_piece.append(keys)
+        keys_of.append(per_piece)
+    lead = members[0][0]
+    with lead._fetching:  # each stage's time is counted once it holds its lock
+        started = time.perf_counter()
+        slot.start_inputs(sum(_aligned(n) for *_, n in reads.values()))
+        got = {key: runner._read_source(slot, source, start, nbytes, result)
+               for key, (runner, source, start, nbytes) in reads.items()}  # fmt: skip
+        result.seconds_read = time.perf_counter() - started
+    return [
+        [runner._assemble(piece, [got[k] for k in keys]) for piece, keys in zip(unit.pieces, kk)]
+        for (runner, unit), kk in zip(members, keys_of)
+    ]  # fmt: skip
+
+
+def _run_units(members: list) -> list:
+    """Members (runner, UnitBatch, facts, name) whose units read the same bytes, position by
+    position: each unit's inputs are read once and merged into one output buffer, which is
+    written before the next member's merge reuses it."""
+    lead = members[0][0]
+    results: list[list[UnitResult]] = [[] for _ in members]
+    failures: list[str | None] = [None] * len(members)
+    for position, unit in enumerate(members[0][1].units):
+        with lead._slot() as slot:
+            read = UnitResult(unit.key, unit.index, [])
+            shared = _fetch_shared(slot, [(m[0], m[1].units[position]) for m in members], read)
+            for m, (runner, batch, facts, name) in enumerate(members):
+                if failures[m] is not None:
+                    continue
+                mine = batch.units[position]
+                result = UnitResult(mine.key, mine.index, [])
+                if m == failures.index(None):  # the first member still merging: the read
+                    result.bytes_read, result.seconds_read = read.bytes_read, read.seconds_read
+                try:
+                    inject_fault({f"{name}/{mine.key}"})
+                    out = slot.buffer("out", mine.nbytes)
+                    runner._merge_unit(mine, out, shared[m], facts, result)
+                    with runner._writing:
+                        started = time.perf_counter()
+                        result.receipt = runner._write(mine.shard, mine.part, mine.start, out)
+                        result.seconds_write = time.perf_counter() - started
+                except RaymergeError as exc:
+                    failures[m] = str(exc)
+                    continue
+                results[m].append(result)
+    return [f if f is not None else r for f, r in zip(failures, results)]
+
+
+def _run_parts(members: list, catch: bool) -> list:
+    """Members (runner, PartJob, facts[, name]) whose units read the same bytes: each unit's
+    inputs are read once and merged into every member's part buffer, then each part is sent
+    in one call (an S3 upload part); each unit's result carries its part's receipt. With
+    `catch`, a member's RaymergeError is returned in place of its results."""
+    lead, lead_job = members[0][0], members[0][1]
+    results: list[list[UnitResult]] = [[] for _ in members]
+    failures: list[str | None] = [None] * len(members)
+    with lead._slot() as slot:
+        outs = [slot.buffer(f"part{m}", member[1].part.nbytes) for m, member in enumerate(members)]
+        covered = [member[1].part.start for member in members]
+        for position, unit in enumerate(lead_job.units):
+            read = UnitResult(unit.key, unit.index, [])
+            shared = _fetch_shared(slot, [(m[0], m[1].units[position]) for m in members], read)
+            for m, (runner, job, facts, *name) in enumerate(members):
+                if failures[m] is not None:
+                    continue
+                mine, start = job.units[position], job.part.start
+                if mine.start > covered[m]:  # bytes no unit writes (padding): zeros, as on disk
+                    outs[m][covered[m] - start : mine.start - start].zero_()
+                result = UnitResult(mine.key, mine.index, [])
+                if m == failures.index(None):  # the first member still merging: the read
+                    result.bytes_read, result.seconds_read = read.bytes_read, read.seconds_read
+                try:
+                    if name:
+                        inject_fault({f"{name[0]}/{mine.key}"})
+                    target = outs[m][mine.start - start : mine.end - start]
+                    runner._merge_unit(mine, target, shared[m], facts, result)
+                except RaymergeError as exc:
+                    if not catch:
+                        raise
+                    failures[m] = str(exc)
+                    continue
+                results[m].append(result)
+                covered[m] = mine.end
+        for m, (runner, job, *_) in enumerate(members):
+            if failures[m] is not None:
+                continue
+            part = job.part
+            if covered[m] < part.end:
+                outs[m][covered[m] - part.start :].zero_()
+            started = time.perf_counter()  # uploads run side by side: no writing lock
+            receipt = runner._write(part.shard, part.number, part.start, outs[m])
+            for result in results[m]:
+                result.receipt = receipt
+            results[m][-1].seconds_write = time.perf_counter() - started
+    return [f if f is not None else r for f, r in zip(failures, results)]
 
 
 def _typed_view(out: torch.Tensor, dtype: str) -> torch.Tensor:

@@ -468,7 +468,7 @@ def test_verify_a_file_or_nothing(tmp_path):
 # --- 5. storage: URIs and unwritable destinations -----------------------------------------
 
 
-@pytest.mark.parametrize("uri", ["gs://b/o", "hf://org/model", "http://x/y"])
+@pytest.mark.parametrize("uri", ["gs://b/o", "ftp://org/model", "http://x/y"])
 def test_other_uri_schemes_are_not_supported(uri):
     scheme = uri.split(":")[0]
     with pytest.raises(ConfigError, match=f"{scheme}:// destinations are not supported"):

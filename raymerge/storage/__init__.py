@@ -35,10 +35,19 @@ def open_source(uri: str) -> Source:
         from raymerge.storage.virtual import VirtualSource
 
         return VirtualSource(uri)
+    if scheme == "hf":  # a Hugging Face model repo read in place at a commit (storage/hub.py)
+        from raymerge.storage.hub import HubSource
+
+        return HubSource(uri)
+    if scheme == "lora":  # lora://BASE+ADAPTER: a model with a PEFT adapter (storage/lora.py)
+        from raymerge.storage.lora import LoraSource
+
+        return LoraSource(uri)
     if scheme is not None:
         raise ConfigError(
             f"{shown(uri)}: {scheme}:// sources are not supported; raymerge reads local "
-            "folders, .safetensors files, s3://bucket/prefix and virtual://LAYOUT/MODEL"
+            "folders, .safetensors files, s3://bucket/prefix, hf://org/name (or org/name in a "
+            "config), MODEL+ADAPTER LoRA inputs and virtual://LAYOUT/MODEL"
         )
     return LocalSource(uri)
 

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from raymerge.errors import CheckpointError, ConfigError, MergeFailed, RaymergeError, shown
+from raymerge.storage.ranged import READ_THREADS, RangedReads
 
-READ_CHUNK = 8 << 20  # one ranged GET (8-16 MiB keeps many requests in flight per unit)
-READ_THREADS = 8  # ranged GETs in flight per process
 BODY_ATTEMPTS = 5  # a body cut mid-stream is fetched again this often (botocore retries
 # failed requests, not bodies that break after the response started)
 LIST_PAGE = 1000
@@ -51,7 +49,6 @@ class S3Settings:
 
 _settings = S3Settings()
 _clients: dict[tuple, object] = {}
-_pool: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
 
 
@@ -95,14 +92,6 @@ def _make_client(chosen: S3Settings):
         "s3", endpoint_url=chosen.endpoint, config=config,
         region_name=session.region_name or "us-east-1",
     )  # fmt: skip
-
-
-def _read_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="raymerge-s3-read")
-        return _pool
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -174,7 +163,7 @@ def _transient_body_errors() -> tuple[type[BaseException], ...]:
             ConnectionError)  # fmt: skip
 
 
-class S3Source:
+class S3Source(RangedReads):
     """Reads objects under s3://bucket/prefix; a listing fills sizes and ETags for later."""
 
     def __init__(self, root: str) -> None:
@@ -218,28 +207,6 @@ class S3Source:
             self._meta[name] = (size, etag)
         self._listed = True
         return sorted(name for name, _, _ in files)
-
-    def read_range(self, name: str, start: int, length: int) -> bytes:
-        """Bytes [start, start + length) in one ranged GET (headers, indexes, one tensor)."""
-        buffer = bytearray(length)
-        if length:
-            self._get(name, start, memoryview(buffer))
-        return bytes(buffer)
-
-    def readinto(self, name: str, start: int, buffer: memoryview) -> None:
-        """Fill `buffer` with bytes [start, start + len) in READ_CHUNK ranged GETs at once."""
-        view = memoryview(buffer).cast("B")
-        length = len(view)
-        if length == 0:
-            return
-        if length <= READ_CHUNK:
-            self._get(name, start, view)
-            return
-        spans = [(lo, min(lo + READ_CHUNK, length)) for lo in range(0, length, READ_CHUNK)]
-        pool = _read_pool()
-        futures = [pool.submit(self._get, name, start + lo, view[lo:hi]) for lo, hi in spans]
-        for future in futures:
-            future.result()
 
     def _get(self, name: str, start: int, target: memoryview) -> None:
         """One ranged GET into `target`; a body cut mid-stream is fetched again."""

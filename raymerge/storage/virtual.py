@@ -32,6 +32,7 @@ from raymerge.layouts import config as layout_config
 from raymerge.layouts import tensors as layout_tensors
 from raymerge.safetensors_format import build_header
 from raymerge.sizes import parse_size
+from raymerge.storage.ranged import BufferedReads
 
 SCHEME = "virtual"
 INDEX_NAME = "model.safetensors.index.json"
@@ -190,7 +191,7 @@ def _block(dtype: str) -> memoryview:
     return memoryview(bytes(data + data))
 
 
-class VirtualSource:
+class VirtualSource(BufferedReads):
     """A checkpoint of a named layout that exists only as this object (see module doc)."""
 
     def __init__(self, root: str) -> None:
@@ -220,12 +221,6 @@ class VirtualSource:
 
     def list(self) -> list[str]:
         return list(self._files.names)
-
-    def read_range(self, name: str, start: int, length: int) -> bytes:
-        buffer = bytearray(length)
-        if length:
-            self.readinto(name, start, memoryview(buffer))
-        return bytes(buffer)
 
     def readinto(self, name: str, start: int, buffer: memoryview) -> None:
         view = memoryview(buffer).cast("B")
