@@ -29,6 +29,7 @@ from raymerge.plan import (
     UNITS_IN_MEMORY,
     Plan,
     RecipeUnit,
+    cut_for_shared_reads,
     make_plan,
     share_items,
     shared_input_rows,
@@ -181,7 +182,7 @@ def _open_stage(batch_path: str, stage: list[RecipeRun], runs: list[RecipeRun],
     planned = [r for r in stage if r.status == "pending"]
     shared = shared_input_rows([r.plan for r in planned])
     for run in planned:  # cut again for what its shared units hold
-        run.plan = make_plan(run.spec, run.checkpoints, memory, floor, shared)
+        run.plan = cut_for_shared_reads(run.plan, run.spec, shared)
         if not options.force and holds_complete(run.destination, run.plan.digest):
             run.status = "complete"
 

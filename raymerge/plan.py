@@ -297,6 +297,17 @@ def shared_input_rows(plans: list[Plan]) -> dict[str, int]:
     return {name: sum(k[4] for k in keys) * row_elements[name] for name, keys in reads.items()}
 
 
+def cut_for_shared_reads(plan: Plan, spec: MergeSpec, shared_rows: dict[str, int]) -> Plan:
+    """`plan`'s units cut again for the input bytes per row its batch's recipes read
+    together (shared_input_rows), so the recipes get the same units and a shared unit stays
+    within the memory bound; the layout, the parts and the digest do not change."""
+    tensors = tuple(dataclasses.replace(t, shared_row_input=shared_rows.get(t.name, 0))
+                    for t in plan.tensors)  # fmt: skip
+    units = _cut_units(spec, list(plan.shards), list(tensors), list(plan.parts),
+                       plan.worker_memory)  # fmt: skip
+    return dataclasses.replace(plan, tensors=tensors, units=tuple(units))
+
+
 def share_items(plans: list[Plan], items: list[list], whole_parts: bool,
                 outputs_per_item: int) -> list[SharedItem]:  # fmt: skip
     """Group the recipes' work items (items[r] for plans[r]) that cover the same rows; a
@@ -410,13 +421,12 @@ class Plan:
 
 def make_plan(
     spec: MergeSpec, checkpoints: list[Checkpoint], worker_memory: int | None = None,
-    scratch_floor: float = 0.0, shared_rows: dict[str, int] | None = None,
+    scratch_floor: float = 0.0,
 ) -> Plan:  # fmt: skip
     """Plan the merge of `checkpoints` (one per spec input, in order); `worker_memory` bounds
     what one worker holds (None: no bound, units are whole parts). A batch plans every
-    recipe for the largest scratch of its methods (`scratch_floor`) and for the inputs its
-    recipes read together (`shared_rows`, from shared_input_rows), so its recipes are cut
-    into the same units and a shared unit stays within the memory bound."""
+    recipe for the largest scratch of its methods (`scratch_floor`), then cuts it again for
+    the inputs its recipes read together (cut_for_shared_reads)."""
     jobs, num_layers = map_tensors(spec, checkpoints)
     vocabulary = None
     if spec.vocab is not None:
@@ -424,9 +434,6 @@ def make_plan(
 
         vocabulary = build_vocabulary(spec, checkpoints)
     tensors = [_plan_tensor(spec, checkpoints, job, scratch_floor, vocabulary) for job in jobs]
-    if shared_rows:
-        tensors = [dataclasses.replace(t, shared_row_input=shared_rows.get(t.name, 0))
-                   for t in tensors]  # fmt: skip
     _check_across_tensors(spec, tensors)
     shards, placed = _layout(_group_into_shards(tensors, spec.shard_size))
     parts = _cut_parts(shards, placed, spec.part_size)

@@ -177,6 +177,21 @@ def test_cli_batch_file_errors_exit_2(tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_cutting_for_shared_reads_keeps_the_layout_and_the_digest(models, tmp_path):
+    from raymerge.plan import cut_for_shared_reads
+
+    spec = parse_spec(linear(models), "l", str(tmp_path), {"shard_size": 10_000_000})
+    checkpoints = [open_checkpoint(m.path) for m in spec.inputs]
+    whole = make_plan(spec, checkpoints)
+    memory = 3 * max(t.memory_per_row() * t.rows for t in whole.tensors)  # a few per unit
+    plan = make_plan(spec, checkpoints, memory)
+    shared = {t.name: 3 * t.input_bytes_per_row() for t in plan.tensors}
+    recut = cut_for_shared_reads(plan, spec, shared)
+    assert (recut.digest, recut.shards, recut.parts) == (plan.digest, plan.shards, plan.parts)
+    assert len(recut.units) > len(plan.units)  # each unit now holds three times the inputs
+    assert recut.peak_worker_bytes() <= memory
+
+
 def test_dry_run_lists_recipes_and_bytes_read_once(models, tmp_path):
     path = write_batch(tmp_path / "b.yaml", sweep(models))
     lines = dry_run(path, str(tmp_path / "out"), RunOptions(), SIZES)
