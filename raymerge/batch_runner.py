@@ -74,9 +74,10 @@ class RecipeRun:
     summary: RunSummary | None = None
     units_left: int = 0
 
-    def fail(self, problem: str) -> None:
+    def fail(self, problem: str, log: Callable[[str], None]) -> None:
         self.status = "failed"
         self.problem = " ".join(line.strip() for line in problem.splitlines())
+        log(f"{self.recipe.name}: failed: {self.problem}")
 
     def line(self) -> str:
         if self.status in ("failed", "skipped"):
@@ -168,8 +169,7 @@ def _open_stage(batch_path: str, stage: list[RecipeRun], runs: list[RecipeRun],
             check_writable_destination(run.out)
             run.out, run.destination, run.checkpoints = open_output(run.spec, run.out, options)
         except RaymergeError as exc:
-            run.fail(str(exc))
-            log(f"{run.recipe.name}: failed: {run.problem}")
+            run.fail(str(exc), log)
     floor = max((REGISTRY[r.spec.method.name].scratch_words(len(r.spec.inputs))
                  for r in stage if r.status == "pending"), default=0.0)  # fmt: skip
     memory = options.worker_memory_bytes()
@@ -177,12 +177,15 @@ def _open_stage(batch_path: str, stage: list[RecipeRun], runs: list[RecipeRun],
         try:
             run.plan = make_plan(run.spec, run.checkpoints, memory, floor)
         except RaymergeError as exc:
-            run.fail(str(exc))
-            log(f"{run.recipe.name}: failed: {run.problem}")
+            run.fail(str(exc), log)
     planned = [r for r in stage if r.status == "pending"]
     shared = shared_input_rows([r.plan for r in planned])
     for run in planned:  # cut again for what its shared units hold
-        run.plan = cut_for_shared_reads(run.plan, run.spec, shared)
+        try:
+            run.plan = cut_for_shared_reads(run.plan, run.spec, shared)
+        except RaymergeError as exc:  # a tensor that no longer fits --worker-memory
+            run.fail(str(exc), log)
+            continue
         if not options.force and holds_complete(run.destination, run.plan.digest):
             run.status = "complete"
 
@@ -242,8 +245,7 @@ def _merge_shared(runs: list[RecipeRun], options: RunOptions, s3_settings: S3Set
                 if run.status != "pending":
                     continue
                 if isinstance(outcome, str):  # its merge failed: the others go on
-                    run.fail(outcome)
-                    log(f"{run.recipe.name}: failed: {run.problem}")
+                    run.fail(outcome, log)
                     continue
                 run.shards.units_done(list(work.units), outcome)
                 run.summary.add(outcome)
