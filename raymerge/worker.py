@@ -555,6 +555,20 @@ def _fetch_shared(slot: _Slot, members: list[tuple[UnitRunner, Unit]],
     ]  # fmt: skip
 
 
+def _member_result(unit: Unit, member: int, failures: list, read: UnitResult) -> UnitResult:
+    """A member's result for its unit; the first member still merging carries the read
+    the members shared."""
+    result = UnitResult(unit.key, unit.index, [])
+    if member == failures.index(None):
+        result.bytes_read, result.seconds_read = read.bytes_read, read.seconds_read
+    return result
+
+
+def _outcomes(failures: list, results: list) -> list:
+    """Per member: its error, or its results."""
+    return [f if f is not None else r for f, r in zip(failures, results)]
+
+
 def _run_units(members: list) -> list:
     """Members (runner, UnitBatch, facts, name) whose units read the same bytes, position by
     position: each unit's inputs are read once and merged into one output buffer, which is
@@ -570,9 +584,7 @@ def _run_units(members: list) -> list:
                 if failures[m] is not None:
                     continue
                 mine = batch.units[position]
-                result = UnitResult(mine.key, mine.index, [])
-                if m == failures.index(None):  # the first member still merging: the read
-                    result.bytes_read, result.seconds_read = read.bytes_read, read.seconds_read
+                result = _member_result(mine, m, failures, read)
                 try:
                     inject_fault({f"{name}/{mine.key}"})
                     out = slot.buffer("out", mine.nbytes)
@@ -585,7 +597,7 @@ def _run_units(members: list) -> list:
                     failures[m] = str(exc)
                     continue
                 results[m].append(result)
-    return [f if f is not None else r for f, r in zip(failures, results)]
+    return _outcomes(failures, results)
 
 
 def _run_parts(members: list, catch: bool) -> list:
@@ -608,9 +620,7 @@ def _run_parts(members: list, catch: bool) -> list:
                 mine, start = job.units[position], job.part.start
                 if mine.start > covered[m]:  # bytes no unit writes (padding): zeros, as on disk
                     outs[m][covered[m] - start : mine.start - start].zero_()
-                result = UnitResult(mine.key, mine.index, [])
-                if m == failures.index(None):  # the first member still merging: the read
-                    result.bytes_read, result.seconds_read = read.bytes_read, read.seconds_read
+                result = _member_result(mine, m, failures, read)
                 try:
                     if name:
                         inject_fault({f"{name[0]}/{mine.key}"})
@@ -634,7 +644,7 @@ def _run_parts(members: list, catch: bool) -> list:
             for result in results[m]:
                 result.receipt = receipt
             results[m][-1].seconds_write = time.perf_counter() - started
-    return [f if f is not None else r for f, r in zip(failures, results)]
+    return _outcomes(failures, results)
 
 
 def _typed_view(out: torch.Tensor, dtype: str) -> torch.Tensor:
