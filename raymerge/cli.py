@@ -300,6 +300,7 @@ def plan(
         "bytes_to_write": the_plan.bytes_to_write,
         "peak_worker_bytes": the_plan.peak_worker_bytes(),
         "digest": the_plan.digest,
+        "stage": None if the_plan.stage is None else the_plan.stage.summary,
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -342,6 +343,8 @@ def format_plan(report: dict[str, Any]) -> str:
         f"--worker-memory {human(report['worker_memory'])}) plus the fixed overhead of a "
         "worker process (about 0.5 GiB)",
     ]
+    if report.get("stage"):
+        lines.append(report["stage"])
     return "\n".join(lines)
 
 

@@ -26,6 +26,12 @@ class CheckpointError(RaymergeError):
     exit_code = 1
 
 
+class DataError(RaymergeError):
+    """Data a merge reads besides checkpoints (calibration tokens) is unusable."""
+
+    exit_code = 1
+
+
 class MergeFailed(RaymergeError):
     """The merge itself failed at run time (workers, storage)."""
 

@@ -32,7 +32,7 @@ from raymerge.dtypes import FLOAT_DTYPES, itemsize
 from raymerge.errors import ConfigError
 from raymerge.mapping import RowFill, TensorJob, map_tensors, output_shape, vocab_row_maps
 from raymerge.methods import REGISTRY
-from raymerge.methods.base import block_rows, rows_of
+from raymerge.methods.base import StagePlan, block_rows, rows_of
 from raymerge.safetensors_format import TensorEntry, build_header
 from raymerge.sizes import human
 from raymerge.spec import MergeSpec
@@ -383,6 +383,7 @@ class Plan:
     num_layers: int = 0  # the output's layers (config.json's num_hidden_layers)
     worker_memory: int | None = None
     vocabulary: Vocabulary | None = None  # rows matched by token string: the output's tokens
+    stage: StagePlan | None = None  # the method's data stage, as planned (ZipIt's calibration)
 
     @property
     def bytes_to_write(self) -> int:
@@ -438,6 +439,8 @@ def make_plan(
     shards, placed = _layout(_group_into_shards(tensors, spec.shard_size))
     parts = _cut_parts(shards, placed, spec.part_size)
     units = _cut_units(spec, shards, placed, parts, worker_memory)
+    stage = REGISTRY[spec.method.name].stage  # its own inputs are checked last: they cost most
+    stage_plan = None if stage is None else stage.plan(spec, checkpoints, tensors)
     plan = Plan(
         method=spec.method.name,
         seed=spec.seed,
@@ -450,6 +453,7 @@ def make_plan(
         num_layers=num_layers,
         worker_memory=worker_memory,
         vocabulary=vocabulary,
+        stage=stage_plan,
     )
     return dataclasses.replace(plan, digest=_digest(spec, checkpoints, plan))
 
@@ -727,5 +731,7 @@ def _digest(spec: MergeSpec, checkpoints: list[Checkpoint], plan: Plan) -> str:
     }
     if plan.vocabulary is not None:  # the tokenizer files read and the vocabulary built
         record["vocabulary"] = plan.vocabulary.digest
+    if plan.stage is not None:  # the stage's own inputs (calibration data)
+        record["stage"] = plan.stage.fingerprint
     text = json.dumps(record, sort_keys=True, separators=(",", ":"), default=list)
     return hashlib.sha256(text.encode()).hexdigest()

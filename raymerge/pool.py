@@ -80,6 +80,10 @@ class _WorkerActor:
         _maybe_inject_fault(item)
         return self.runner.statistic(item, payload)
 
+    def stage(self, item: Any, payload: Any) -> Any:
+        _maybe_inject_fault(item)
+        return self.runner.stage(item, payload)
+
 
 def _with_fault_hook(runtime_env: dict | None) -> dict | None:
     """The driver's RAYMERGE_FAULT reaches the actors on any cluster (a cluster's workers do

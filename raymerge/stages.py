@@ -15,7 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 from raymerge.ledger import Ledger
-from raymerge.methods.base import FactRound, MergeInputs, MergeMethod, add_stats
+from raymerge.methods.base import (
+    DataStage,
+    FactRound,
+    MergeInputs,
+    MergeMethod,
+    StageItem,
+    add_stats,
+)
 from raymerge.plan import Plan
 
 ARTIFACT = "facts"
@@ -40,6 +47,8 @@ def prepare(
     pool: Any, plan: Plan, method: MergeMethod, ledger: Ledger, log: Callable[[str], None]
 ) -> dict[int, dict]:
     """Facts per tensor index for every tensor that needs a stage (stored, or gathered)."""
+    if method.stage is not None:
+        return _data_stage(pool, plan, method.stage, ledger, log)
     scope_of = scopes(plan, method)
     if not scope_of:
         return {}
@@ -88,3 +97,92 @@ def _gather(pool, plan: Plan, method: MergeMethod, scope_of: dict[int, str], log
         for scope in active:
             facts[scope] = rounds[scope][number].reduce(totals[scope], facts[scope], meta[scope])
     return {"scopes": facts}
+
+
+def _data_stage(pool, plan: Plan, stage: DataStage, ledger: Ledger, log) -> dict[int, dict]:
+    """Run a stage over data of its own (or take its stored artifact), then give every
+    merged tensor its facts."""
+    artifact = _decoded(ledger.artifact(stage.name))
+    if artifact is None:
+        state = {"settings": plan.stage.settings}
+        for number, step in enumerate(stage.steps):
+            items = step.items(state)
+            if items:
+                log(f"prepare: {step.label} ({len(items)} items)")
+                _run_step(pool, number, step, items, state)
+        artifact = stage.artifact(state)
+        ledger.store_artifact(stage.name, encode_arrays(artifact))
+    else:
+        log(f"prepare: reusing the stored {stage.name} artifact")
+    facts = {}
+    for index, tensor in enumerate(plan.tensors):
+        mine = stage.facts(artifact, tensor) if tensor.op == "merge" else None
+        if mine is not None:
+            facts[index] = mine
+    return facts
+
+
+def _decoded(stored: Any) -> Any:
+    """A stored artifact read back, or None when absent or damaged (then: gather again)."""
+    if stored is None:
+        return None
+    try:
+        return decode_arrays(stored)
+    except (ValueError, TypeError, KeyError):  # torn base64, a bad .npy header
+        return None
+
+
+def _run_step(pool, number: int, step, items: list[StageItem], state: dict) -> None:
+    """Map `step` over `items` on the pool; fold the results in item order as soon as
+    each one's predecessors are in (so at most the out-of-order ones wait)."""
+    position = {item.key: i for i, item in enumerate(items)}
+    waiting: dict[int, Any] = {}
+    folded = 0
+
+    def arrived(item: StageItem, result: Any) -> None:
+        nonlocal folded
+        waiting[position[item.key]] = result
+        while folded in waiting:
+            step.fold(state, folded, items[folded], waiting.pop(folded))
+            folded += 1
+
+    def payload(item: StageItem) -> dict:
+        data = None if step.payload is None else step.payload(item, state)
+        return {"step": number, "data": data}
+
+    pool.map(items, "stage", arrived, payload)
+
+
+def encode_arrays(value: Any) -> Any:
+    """`value` with every numpy array as {"__array__": base64 of its .npy bytes}: JSON."""
+    import base64
+    import io
+
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        buffer = io.BytesIO()
+        np.save(buffer, value, allow_pickle=False)
+        return {"__array__": base64.b64encode(buffer.getvalue()).decode()}
+    if isinstance(value, dict):
+        return {str(k): encode_arrays(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [encode_arrays(v) for v in value]
+    return value
+
+
+def decode_arrays(value: Any) -> Any:
+    """The inverse of encode_arrays (a stored artifact is read back without pickle)."""
+    import base64
+    import io
+
+    import numpy as np
+
+    if isinstance(value, dict):
+        if set(value) == {"__array__"}:
+            raw = base64.b64decode(value["__array__"])
+            return np.load(io.BytesIO(raw), allow_pickle=False)
+        return {k: decode_arrays(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_arrays(v) for v in value]
+    return value

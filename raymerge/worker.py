@@ -135,6 +135,7 @@ class UnitRunner:
         self._fetching, self._merging, self._writing = (
             pipeline.fetching, pipeline.merging, pipeline.writing
         )  # fmt: skip
+        self._by_name: dict[str, OutputTensor] | None = None  # for read_input
         self._pad_lock = threading.Lock()
         self._pad_cache: dict[int, list] = {}  # tensor -> each source's mean row (_pad_means)
 
@@ -207,6 +208,26 @@ class UnitRunner:
                         add_stats(total, fact_round.block(inputs.rows(lo, hi), facts))
                 stats[piece.tensor] = total
         return stats
+
+    def stage(self, item: Any, request: dict[str, Any]) -> Any:
+        """Step `request["step"]` of the method's data stage, for one of its items."""
+        step = self.method.stage.steps[request["step"]]
+        with self._merging:  # one stage item at a time holds a worker's memory
+            return step.run(self, item, request["data"])
+
+    def read_input(self, name: str, position: int) -> torch.Tensor:
+        """Input `position`'s whole tensor for the output tensor `name`, as stored (a data
+        stage reads weights by name: ZipIt's forward takes one layer at a time)."""
+        if self._by_name is None:
+            self._by_name = {t.name: t for t in self.context.tensors}
+        tensor = self._by_name.get(name)
+        if tensor is None:
+            raise KeyError(name)
+        source = tensor.sources[position]
+        raw = self.sources[source.input].read_range(source.file, source.start,
+                                                    source.end - source.start)  # fmt: skip
+        flat = torch.frombuffer(bytearray(raw), dtype=torch_dtype(source.dtype))
+        return flat.reshape(source.shape)
 
     @contextmanager
     def _slot(self) -> Iterator[_Slot]:
@@ -481,6 +502,9 @@ class SharedRunner:
 
     def statistic(self, item: RecipeUnit, request: dict[str, Any]) -> dict[int, dict]:
         return self.runners[item.recipe].statistic(item.unit, request)
+
+    def stage(self, item: RecipeUnit, request: dict[str, Any]) -> Any:
+        return self.runners[item.recipe].stage(item.unit, request)
 
     def run_shared(self, item: SharedItem, facts: list | None = None) -> list:
         """Per member: its results (as run_batch or run_part give them), or its error."""

@@ -58,6 +58,12 @@ class Param:
             if isinstance(value, str) and (self.choices is None or value in self.choices):
                 return value
             raise ValueError(f"{where}: {value!r} is not one of {list(self.choices or [])}")
+        if self.type is tuple:  # a set of choices, as a list (or one of them alone)
+            items = [value] if isinstance(value, str) else value
+            allowed = list(self.choices or [])
+            if not isinstance(items, list) or not all(v in allowed for v in items):
+                raise ValueError(f"{where}: {value!r} is not a list of {allowed}")
+            return tuple(c for c in allowed if c in items)
         number = _as_number(value)
         if number is None or not math.isfinite(number):
             raise ValueError(f"{where}: {value!r} is not a finite number")
@@ -241,6 +247,58 @@ def gather_facts(rounds: tuple[FactRound, ...], inputs: MergeInputs) -> dict[str
 
 
 @dataclass(frozen=True)
+class StageItem:
+    """One piece of a data stage's work (e.g. a block of calibration sequences)."""
+
+    key: str
+    nbytes: int  # what it weighs: the pool runs the largest first
+    data: Any = None
+
+    @property
+    def input_bytes(self) -> int:
+        return self.nbytes
+
+
+@dataclass(frozen=True)
+class DataStep:
+    """One map of a data stage. `items(state)` lists the work on the driver; `run(runner,
+    item, payload)` does one item on a worker (with the worker's open sources) and returns
+    numpy arrays and plain values, never torch tensors (the driver does not import torch);
+    `fold(state, position, item, result)` takes each result into the state on the driver,
+    in item order whatever order they finish in, so any worker count gives the same state."""
+
+    label: str
+    items: Callable[[dict], list[StageItem]]
+    run: Callable[[Any, StageItem, Any], Any]
+    fold: Callable[[dict, int, StageItem, Any], None]
+    payload: Callable[[StageItem, dict], Any] | None = None
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What a data stage found at plan time: a fingerprint of its own inputs (the plan's
+    digest covers it), a line for `raymerge plan`, and plain settings for the run."""
+
+    fingerprint: str
+    summary: str
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DataStage:
+    """A prepare stage over data of its own rather than over work units (ZipIt's
+    calibration forward, then its matching): checked and fingerprinted at plan time
+    (`plan`, which raises ConfigError for bad input), run as steps on the pool, stored as
+    one artifact in the ledger, and handed to each tensor's merge as `MergeInputs.facts`."""
+
+    name: str
+    plan: Callable[[Any, list, list], StagePlan]  # (spec, checkpoints, planned tensors)
+    steps: tuple[DataStep, ...]
+    artifact: Callable[[dict], dict]  # the final state -> what is stored (JSON and arrays)
+    facts: Callable[[dict, Any], dict | None]  # (artifact, OutputTensor) -> its facts
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     name: str
     merge: MergeFn
@@ -262,6 +320,9 @@ class MergeMethod:
     check_plan: (
         Callable[[list[tuple[tuple[int, ...], dict, tuple[dict, ...]]]], str | None] | None
     ) = None
+
+    # a stage over data of its own (ZipIt's calibration statistics), run before the merge
+    stage: DataStage | None = None
 
     # scratch(n inputs) -> fp32 words per element the kernel holds at its peak, besides its
     # inputs and output (the plan sizes work units by it); None: a cautious n + 4

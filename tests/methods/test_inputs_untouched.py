@@ -26,7 +26,28 @@ def example_inputs(method) -> MergeInputs:
             p.name: EXAMPLE_VALUES.get(p.name, p.default)
             for p in method.params if p.scope in scopes
         })  # fmt: skip
-    return MergeInputs("model.layers.0.mlp.up_proj.weight", tensors, base_index, shared, per_input)
+    facts = None if method.stage is None else stage_facts(method.name, count, g)
+    return MergeInputs("model.layers.0.mlp.up_proj.weight", tensors, base_index, shared, per_input,
+                       facts=facts)  # fmt: skip
+
+
+def stage_facts(name: str, count: int, g: torch.Generator) -> dict:
+    """What a data stage hands an up_proj [6, 10]: clusters and a residual permutation
+    (zipit, permute), or Gram matrices (regmean)."""
+    regmean = name == "regmean"
+    clusters = torch.cat([torch.randperm(6, generator=g) for _ in range(count)])
+    grams = []
+    for _ in range(count):
+        x = torch.randn(40, 10, generator=g, dtype=torch.float64)
+        grams.append((x.T @ x / 40).numpy())
+    return {
+        "role": "up_proj", "shape": {"heads": 2, "kv_heads": 1, "head_dim": 5},
+        "regmean_alpha": 0.9 if regmean else None,
+        "residual": None if regmean else [torch.randperm(10, generator=g).numpy()
+                                          for _ in range(count)],
+        "clusters": None if regmean else clusters.numpy(), "heads": None,
+        "grams": grams if regmean else None,
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))

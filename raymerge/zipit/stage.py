@@ -1,0 +1,321 @@
+"""ZipIt's data stage: calibration statistics gathered across actors, then matching per layer.
+
+Step 1 maps over fixed blocks of calibration sequences: a worker runs every model layer by
+layer on the block (one layer's weights in memory at a time) and returns, per layer and per
+feature group, the token count, Σx and Σxxᵀ in fp64 over the models' features side by side.
+The driver adds the blocks up in block order, so any worker count gives the same sums.
+Step 2 maps over layers: a worker turns a layer's sums into correlations and matches them
+(ZipIt's greedy zip or permute's assignment for MLP neurons, whole heads for attention, one
+permutation of the residual stream for the whole model). The artifact holds the matches and,
+for RegMean, each model's input Gram matrices; `facts` hands each tensor what it needs.
+
+The driver side (plan, items, fold, artifact, facts) imports neither torch nor the forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from raymerge.errors import ConfigError
+from raymerge.methods.base import DataStage, DataStep, StageItem, StagePlan
+from raymerge.zipit import calibration
+from raymerge.zipit.shape import EMBED, LlamaShape, layer_tensor_names, role_of
+
+NAME = "zipit"
+STAGE_PARAMS = ("alpha", "beta", "calibration", "calibration_tokens", "sequence_length",
+                "residual", "match", "combine", "regmean_alpha")  # fmt: skip
+REGMEAN_GROUPS = ("attn_in", "heads", "mlp_in", "mlp")  # the inputs of every linear layer
+# the feature group each `match:` choice matches on
+MATCHED_GROUP = {"mlp": "mlp", "attention": "heads"}
+# the Gram matrix each linear role's RegMean solve uses (its input features)
+INPUT_GROUP = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
+               "o_proj": "heads", "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp"}
+
+
+def settings_of(method: str, shared: dict[str, Any]) -> dict[str, Any]:
+    """The stage's settings from a tensor's resolved parameters (one method's names)."""
+    matcher = {"zipit": "zip", "permute": "permute"}.get(method)
+    regmean = method == "regmean" or shared.get("combine") == "regmean"
+    return {
+        "matcher": matcher,
+        "alpha": shared.get("alpha") if matcher == "zip" else None,
+        "beta": shared.get("beta") if matcher == "zip" else None,
+        "match": list(shared.get("match", ())) if matcher else [],
+        "residual": shared.get("residual", "average") if matcher else "average",
+        "regmean": regmean,
+        "regmean_alpha": (shared["alpha"] if method == "regmean" else shared.get("regmean_alpha"))
+        if regmean else None,
+        "calibration": shared["calibration"],
+        "tokens": shared["calibration_tokens"],
+        "sequence_length": shared["sequence_length"],
+    }  # fmt: skip
+
+
+def plan(spec, checkpoints: list, tensors: list) -> StagePlan:
+    """Check everything the stage will need before Ray starts: one setting for the whole
+    model, Llama-layout tensors, the same shape in every model, readable calibration data."""
+    merged = [t for t in tensors if t.op == "merge"]
+    if not merged:
+        raise ConfigError(f"{spec.source}: {spec.method.name} found no tensor to merge")
+    if spec.uses_slices:
+        raise ConfigError(
+            f"{spec.source}: {spec.method.name} merges whole models; use `models:`, not `slices:`"
+        )
+    settings = _one_setting(spec, merged)
+    positions = [s.input for s in merged[0].sources]
+    shape = _common_shape(spec, [checkpoints[i] for i in positions])
+    for tensor in merged:
+        if role_of(tensor.name) is None:
+            raise ConfigError(
+                f"{spec.source}: {spec.method.name} knows the tensors of Llama-layout decoders; "
+                f"{tensor.name!r} is not one of them"
+            )
+    reference = checkpoints[positions[0]]
+    tokenizer = reference.source.root if reference.source.exists("tokenizer.json") else None
+    path = calibration.resolve(settings["calibration"], spec.source)
+    data = _load(path, settings, shape, tokenizer)
+    settings |= {"calibration": path, "tokenizer": tokenizer, "fingerprint": data.fingerprint,
+                 "shape": shape.to_dict(), "models": len(positions)}  # fmt: skip
+    what = ", ".join(settings["match"]) or "nothing"
+    summary = (
+        f"prepare: {spec.method.name} statistics over {len(data.sequences)} sequences of "
+        f"{settings['sequence_length']} tokens ({len(data.blocks())} blocks) through "
+        f"{shape.layers} layers of {len(positions)} models"
+        + (f"; matching {what} per layer, residual {settings['residual']}"
+           if settings["matcher"] else "")
+        + ("; RegMean Gram matrices" if settings["regmean"] else "")
+    )  # fmt: skip
+    return StagePlan(data.fingerprint, summary, settings)
+
+
+def _one_setting(spec, merged: list) -> dict[str, Any]:
+    first = settings_of(spec.method.name, merged[0].shared)
+    for tensor in merged[1:]:
+        if settings_of(spec.method.name, tensor.shared) != first:
+            raise ConfigError(
+                f"{spec.source}: {spec.method.name}'s parameters hold for the whole model, but "
+                f"{tensor.name!r} gets other values than {merged[0].name!r}; give them once, "
+                "without filters or gradients"
+            )
+    return first
+
+
+def _common_shape(spec, checkpoints: list) -> LlamaShape:
+    shapes = []
+    for checkpoint in checkpoints:
+        where = f"{checkpoint.source.root}/config.json"
+        config = checkpoint.read_json("config.json")
+        if config is None:
+            raise ConfigError(
+                f"{spec.method.name} needs each model's config.json; {where} is missing"
+            )
+        try:
+            shapes.append(LlamaShape.from_config(config))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    for checkpoint, shape in zip(checkpoints[1:], shapes[1:]):
+        if shape != shapes[0]:
+            raise ConfigError(
+                f"{spec.method.name} merges models of one shape; {checkpoint.source.root} is "
+                f"{shape.describe()}, {checkpoints[0].source.root} is {shapes[0].describe()}"
+            )
+    return shapes[0]
+
+
+def _load(path: str, settings: dict, shape: LlamaShape, tokenizer: str | None):
+    tokenizer_json = None
+    if tokenizer is not None:
+        from raymerge.storage import open_source
+
+        source = open_source(tokenizer)
+        tokenizer_json = source.read_range("tokenizer.json", 0, source.size("tokenizer.json"))
+    return calibration.load(path, settings["tokens"], settings["sequence_length"], shape.vocab,
+                            tokenizer_json)  # fmt: skip
+
+
+def _groups(settings: dict) -> list[str]:
+    groups = {MATCHED_GROUP[m] for m in settings["match"]}
+    if settings["residual"] == "permute":
+        groups.add("residual")
+    if settings["regmean"]:
+        groups.update(REGMEAN_GROUPS)
+    return sorted(groups)
+
+
+# step 1: statistics, one item per block of calibration sequences
+
+
+def _block_items(state: dict) -> list[StageItem]:
+    settings = state["settings"]
+    data = _load(settings["calibration"], settings, LlamaShape.from_dict(settings["shape"]),
+                 settings["tokenizer"])  # fmt: skip
+    if data.fingerprint != settings["fingerprint"]:
+        raise ConfigError(
+            f"calibration {settings['calibration']!r} changed since the merge was planned; "
+            "rerun the command"
+        )
+    return [StageItem(f"calibration-{i:05d}", block.nbytes, block)
+            for i, block in enumerate(data.blocks())]  # fmt: skip
+
+
+def _block_payload(item: StageItem, state: dict) -> dict:
+    settings = state["settings"]
+    return {"shape": settings["shape"], "groups": _groups(settings), "models": settings["models"]}
+
+
+def gather_block(runner, item: StageItem, data: dict) -> dict:
+    """Worker: run every model over one block, layer by layer; per layer and group, the
+    sums (count, Σx, Σxxᵀ) over the models' features side by side (model 0's first)."""
+    from raymerge.lazy import torch
+    from raymerge.zipit import forward
+
+    shape = LlamaShape.from_dict(data["shape"])
+    tokens = torch.from_numpy(np.asarray(item.data, dtype=np.int64))
+    rope = forward.rope_tables(shape, tokens.shape[1])
+    models = range(data["models"])
+    hidden = [forward.embed(runner.read_input(EMBED, m), tokens) for m in models]
+    sums = {}
+    for layer in range(shape.layers):
+        names = layer_tensor_names(layer)
+        features = []
+        for m in models:
+            weights = {role: runner.read_input(name, m) for role, name in names.items()}
+            hidden[m], found = forward.layer_forward(shape, weights, hidden[m], rope)
+            features.append({g: found[g] for g in data["groups"]})
+            del weights, found
+        sums[layer] = {g: _sums(torch.cat([f[g] for f in features], dim=1))
+                       for g in data["groups"]}  # fmt: skip
+    return sums
+
+
+def _sums(features) -> tuple[int, np.ndarray, np.ndarray]:
+    wide = features.double()
+    return int(wide.shape[0]), wide.sum(0).numpy(), (wide.T @ wide).numpy()
+
+
+def _fold_sums(state: dict, position: int, item: StageItem, result: dict) -> None:
+    total = state.setdefault("sums", {})
+    for layer, groups in result.items():
+        mine = total.setdefault(int(layer), {})
+        for group, (count, first, second) in groups.items():
+            if group not in mine:
+                mine[group] = [count, first.copy(), second.copy()]  # Ray gives read-only views
+            else:
+                held = mine[group]
+                held[0] += count
+                held[1] += first
+                held[2] += second
+
+
+# step 2: matching, one item per layer and feature group (and one for the residual stream)
+
+
+def _match_items(state: dict) -> list[StageItem]:
+    settings = state["settings"]
+    if settings["matcher"] is None:
+        return []
+    items = []
+    for layer in sorted(state["sums"]):
+        for choice in settings["match"]:
+            group = MATCHED_GROUP[choice]
+            width = state["sums"][layer][group][1].size
+            items.append(StageItem(f"match-{group}-{layer:05d}", width * width * 8, (group, layer)))
+    if settings["residual"] == "permute":
+        width = state["sums"][0]["residual"][1].size
+        items.append(StageItem("match-residual", width * width * 8, ("residual", None)))
+    return items
+
+
+def _match_payload(item: StageItem, state: dict) -> dict:
+    settings = state["settings"]
+    group, layer = item.data
+    if group == "residual":
+        sums = [state["sums"][layer]["residual"] for layer in sorted(state["sums"])]
+    else:
+        sums = state["sums"][layer][group]
+    keys = ("matcher", "alpha", "beta", "shape", "models")
+    return {"sums": sums} | {k: settings[k] for k in keys}
+
+
+def match_item(runner, item: StageItem, data: dict) -> np.ndarray:
+    """Worker: a layer's correlations, matched (cluster ids, head orders, or the residual
+    permutation, one row per model)."""
+    from raymerge.zipit import match
+
+    group, _ = item.data
+    models, shape = data["models"], LlamaShape.from_dict(data["shape"])
+    if group == "residual":
+        corrs = [match.correlation(*sums) for sums in data["sums"]]
+        return np.stack(match.residual_permutations(corrs, models))
+    corr = match.correlation(*data["sums"])
+    if group == "heads":
+        return np.stack(match.match_heads(corr, models, shape.heads, shape.kv_heads,
+                                          shape.head_dim))  # fmt: skip
+    if data["matcher"] == "zip":
+        return match.zip_clusters(corr, models, data["alpha"], data["beta"])
+    return match.permute_clusters(corr, models)
+
+
+def _fold_match(state: dict, position: int, item: StageItem, result: np.ndarray) -> None:
+    group, layer = item.data
+    state.setdefault("matches", {})[group if layer is None else f"{group}/{layer}"] = result
+
+
+# the artifact, and each tensor's facts
+
+
+def artifact(state: dict) -> dict:
+    settings = state["settings"]
+    stored: dict[str, Any] = {"settings": settings, "matches": state.get("matches", {})}
+    if settings["regmean"]:
+        models = settings["models"]
+        stored["grams"] = {
+            f"{group}/{layer}": _grams(state["sums"][layer][group], models)
+            for layer in state["sums"] for group in REGMEAN_GROUPS
+        }  # fmt: skip
+    return stored
+
+
+def _grams(sums: list, models: int) -> np.ndarray:
+    """Each model's uncentered input Gram matrix (Σxxᵀ / tokens), [models, n, n]."""
+    count, _, outer = sums
+    n = outer.shape[0] // models
+    return np.stack([outer[m * n : (m + 1) * n, m * n : (m + 1) * n] / count
+                     for m in range(models)])  # fmt: skip
+
+
+def facts(stored: dict, tensor) -> dict | None:
+    """What one tensor's merge needs: its role, the model's shape and combine settings,
+    the residual permutation, and its layer's matches and Gram matrices."""
+    layer, role = role_of(tensor.name)
+    settings, matches = stored["settings"], stored["matches"]
+    found = {
+        "role": role,
+        "shape": settings["shape"],
+        "regmean_alpha": settings["regmean_alpha"] if settings["regmean"] else None,
+        "residual": matches.get("residual"),
+        "clusters": None,
+        "heads": None,
+        "grams": None,
+    }
+    if layer is not None:
+        found["clusters"] = matches.get(f"mlp/{layer}")
+        found["heads"] = matches.get(f"heads/{layer}")
+        if settings["regmean"] and role in INPUT_GROUP:
+            found["grams"] = stored["grams"][f"{INPUT_GROUP[role]}/{layer}"]
+    return found
+
+
+STAGE = DataStage(
+    name=NAME,
+    plan=plan,
+    steps=(
+        DataStep("statistics over the calibration blocks", _block_items, gather_block,
+                 _fold_sums, _block_payload),
+        DataStep("matching per layer", _match_items, match_item, _fold_match, _match_payload),
+    ),  # fmt: skip
+    artifact=artifact,
+    facts=facts,
+)

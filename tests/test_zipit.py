@@ -1,0 +1,383 @@
+"""ZipIt, permute and RegMean end to end on a local Ray: the calibration stage, the matches,
+each tensor rewritten, and the output checked against what it must be.
+
+The exactness tests build model B as a function-preserving permutation of model A (MLP
+neurons, whole KV groups and the query heads inside them, the residual stream): permute and
+zipit must then give back A byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from raymerge.config import parse_spec
+from raymerge.errors import ConfigError, DataError, MergeFailed
+from raymerge.runner import RunOptions, run_merge
+from raymerge.synth import SynthOptions, synthesize
+from raymerge.zipit import forward
+from raymerge.zipit.shape import LlamaShape, layer_tensor_names
+from tests.conftest import write_config
+from tests.test_run import load_model, merge
+
+LAYERS, HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 2, 64, 96, 320, 4, 2
+HEAD_DIM = HIDDEN // HEADS
+
+
+@pytest.fixture(scope="module")
+def model_a(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("zipit-a")
+    options = SynthOptions(models=1, with_base=False, layers=LAYERS, hidden=HIDDEN,
+                           intermediate=INTERMEDIATE, vocab=VOCAB, heads=HEADS,
+                           kv_heads=KV_HEADS, seed=11, dtype=torch.float32)  # fmt: skip
+    return synthesize(str(out), options)["model_1"]
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("calibration") / "tokens.npy"
+    np.save(path, np.random.default_rng(5).integers(0, VOCAB, size=4096))
+    return str(path)
+
+
+def save_model(tensors: dict[str, torch.Tensor], like: str, out) -> str:
+    os.makedirs(out, exist_ok=True)
+    body = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(body, os.path.join(out, "model.safetensors"))
+    with open(os.path.join(like, "config.json")) as f:
+        config = f.read()
+    with open(os.path.join(out, "config.json"), "w") as f:
+        f.write(config)
+    return str(out)
+
+
+def permuted(tensors: dict[str, torch.Tensor], seed: int, residual: bool = True,
+             mlp: bool = True, heads: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The same function with its features in other orders: B's residual dim j is A's
+    p[j], layer l's neuron i is A's q_l[i], its query head h is A's sigma_l[h]."""
+    rng = np.random.default_rng(seed)
+    p = rng.permutation(HIDDEN) if residual else np.arange(HIDDEN)
+    out = dict(tensors)
+    out["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"][:, p]
+    out["lm_head.weight"] = tensors["lm_head.weight"][:, p]
+    out["model.norm.weight"] = tensors["model.norm.weight"][p]
+    group = HEADS // KV_HEADS
+    for layer in range(LAYERS):
+        names = layer_tensor_names(layer)
+        q = rng.permutation(INTERMEDIATE) if mlp else np.arange(INTERMEDIATE)
+        kv = rng.permutation(KV_HEADS) if heads else np.arange(KV_HEADS)
+        sigma = np.concatenate([
+            kv[g] * group + (rng.permutation(group) if heads else np.arange(group))
+            for g in range(KV_HEADS)
+        ])  # fmt: skip
+        t = {role: tensors[name] for role, name in names.items()}
+        qrows = np.concatenate([np.arange(h * HEAD_DIM, (h + 1) * HEAD_DIM) for h in sigma])
+        kvrows = np.concatenate([np.arange(g * HEAD_DIM, (g + 1) * HEAD_DIM) for g in kv])
+        new = {
+            "input_layernorm": t["input_layernorm"][p],
+            "post_attention_layernorm": t["post_attention_layernorm"][p],
+            "q_proj": t["q_proj"][qrows][:, p],
+            "k_proj": t["k_proj"][kvrows][:, p],
+            "v_proj": t["v_proj"][kvrows][:, p],
+            "o_proj": t["o_proj"][p][:, qrows],
+            "gate_proj": t["gate_proj"][q][:, p],
+            "up_proj": t["up_proj"][q][:, p],
+            "down_proj": t["down_proj"][p][:, q],
+        }
+        for role, name in names.items():
+            out[name] = new[role]
+    return out
+
+
+def logits_of(tensors: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    shape = LlamaShape(HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB, 1e-5,
+                       10000.0, None, False)  # fmt: skip
+    with torch.no_grad():
+        return forward.model_logits(shape, tensors.__getitem__, tokens)
+
+
+def zip_config(method: str, a: str, b: str, calibration: str, **parameters) -> dict:
+    return {
+        "merge_method": method,
+        "models": [{"model": a}, {"model": b}],
+        "parameters": {"calibration": calibration, "calibration_tokens": 2048,
+                       "sequence_length": 64, **parameters},
+        "dtype": "float32",
+    }  # fmt: skip
+
+
+def run_config(tmp_path, body: dict, out_name: str = "out", **options):
+    path = write_config(tmp_path / f"{out_name}.yaml", body)
+    spec = parse_spec(_load_yaml(path), path, str(tmp_path))
+    summary = merge(spec, tmp_path / out_name, **options)
+    return summary, load_model(str(tmp_path / out_name))
+
+
+def _load_yaml(path: str):
+    import yaml
+
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def test_permuted_copy_computes_the_same_function(model_a):
+    a = load_model(model_a)
+    b = permuted(a, seed=1)
+    tokens = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(logits_of(a, tokens), logits_of(b, tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["permute", "zipit"])
+def test_a_permuted_copy_merges_back_into_the_original(ray_local, tmp_path, model_a,
+                                                       calibration, method):  # fmt: skip
+    a = load_model(model_a)
+    b_dir = save_model(permuted(a, seed=2), model_a, tmp_path / "b")
+    body = zip_config(method, model_a, b_dir, calibration, residual="permute")
+    summary, merged = run_config(tmp_path, body, workers=2)
+    assert merged.keys() == a.keys()
+    for name in a:
+        assert torch.equal(merged[name], a[name]), name
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["num_attention_heads"] == HEADS
+
+
+def test_residual_average_with_matched_layers(ray_local, tmp_path, model_a, calibration):
+    """A fine-tune-like pair (same residual basis): neurons and heads matched, the residual
+    stream averaged, and again A comes back."""
+    a = load_model(model_a)
+    b_dir = save_model(permuted(a, seed=3, residual=False), model_a, tmp_path / "b")
+    _, merged = run_config(tmp_path, zip_config("zipit", model_a, b_dir, calibration))
+    for name in a:
+        assert torch.equal(merged[name], a[name]), name
+
+
+def test_bad_calibration_is_refused_before_ray(tmp_path, model_a):
+    missing = str(tmp_path / "nope.npy")
+    b_dir = save_model(load_model(model_a), model_a, tmp_path / "b")
+    body = zip_config("permute", model_a, b_dir, missing)
+    path = write_config(tmp_path / "c.yaml", body)
+    spec = parse_spec(_load_yaml(path), path, str(tmp_path))
+    with pytest.raises(ConfigError, match="nope.npy"):
+        merge(spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def calibration_features(tensors: dict[str, torch.Tensor], sequences: np.ndarray) -> list[dict]:
+    """Per layer, our forward's input features of every linear layer over the sequences."""
+    shape = LlamaShape(HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, LAYERS, VOCAB, 1e-5,
+                       10000.0, None, False)  # fmt: skip
+    tokens = torch.from_numpy(sequences)
+    with torch.no_grad():
+        hidden = forward.embed(tensors["model.embed_tokens.weight"], tokens)
+        rope = forward.rope_tables(shape, tokens.shape[1])
+        layers = []
+        for layer in range(LAYERS):
+            weights = {r: tensors[n] for r, n in layer_tensor_names(layer).items()}
+            hidden, found = forward.layer_forward(shape, weights, hidden, rope)
+            layers.append(found)
+    return layers
+
+
+ROLE_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "heads",
+              "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp"}  # fmt: skip
+
+
+def test_regmean_matches_a_least_squares_reference(ray_local, tmp_path, model_a, calibration):
+    """With alpha 1, each merged linear weight is the least-squares fit of every model's
+    outputs on its own inputs (numpy lstsq over the stacked inputs); other tensors average."""
+    a = load_model(model_a)
+    rng = torch.Generator().manual_seed(9)
+    b = {k: v + 0.05 * torch.randn(v.shape, generator=rng) for k, v in a.items()}
+    b_dir = save_model(b, model_a, tmp_path / "b")
+    body = zip_config("regmean", model_a, b_dir, calibration, alpha=1.0)
+    _, merged = run_config(tmp_path, body)
+    sequences = np.load(calibration)[:2048].reshape(-1, 64)
+    features = [calibration_features(m, sequences) for m in (a, b)]
+    for layer in range(LAYERS):
+        for role, name in layer_tensor_names(layer).items():
+            if role not in ROLE_INPUT:
+                assert torch.allclose(merged[name], (a[name] + b[name]) / 2, atol=1e-6)
+                continue
+            x = [f[layer][ROLE_INPUT[role]].double().numpy() for f in features]
+            y = [xi @ m[name].double().numpy().T for xi, m in zip(x, (a, b))]
+            want, *_ = np.linalg.lstsq(np.concatenate(x), np.concatenate(y), rcond=None)
+            got = merged[name].double().numpy()
+            assert np.abs(got - want.T).max() < 1e-4 * np.abs(want).max(), name
+
+
+def test_regmean_of_identical_models_is_the_identity(ray_local, tmp_path, model_a, calibration):
+    a = load_model(model_a)
+    b_dir = save_model(a, model_a, tmp_path / "b")
+    _, merged = run_config(tmp_path, zip_config("regmean", model_a, b_dir, calibration))
+    for name in a:
+        assert torch.allclose(merged[name], a[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_zipit_regmean_of_a_permuted_copy_is_the_original(ray_local, tmp_path, model_a,
+                                                          calibration):  # fmt: skip
+    a = load_model(model_a)
+    b_dir = save_model(permuted(a, seed=4), model_a, tmp_path / "b")
+    body = zip_config("zipit", model_a, b_dir, calibration, residual="permute",
+                      combine="regmean")  # fmt: skip
+    _, merged = run_config(tmp_path, body)
+    for name in a:
+        assert torch.allclose(merged[name], a[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_any_worker_count_gives_the_same_bytes_and_a_rerun_reuses_the_stage(
+    ray_local, tmp_path, model_a, calibration, monkeypatch
+):
+    a = load_model(model_a)
+    rng = torch.Generator().manual_seed(1)
+    b = permuted({k: v + 0.1 * torch.randn(v.shape, generator=rng) for k, v in a.items()}, 6)
+    b_dir = save_model(b, model_a, tmp_path / "b")
+    body = zip_config("zipit", model_a, b_dir, calibration, residual="permute", beta=0.5)
+    _, one = run_config(tmp_path, body, "one", workers=1)
+    # many small units, and the run stopped by a merge error after the stage
+    path = write_config(tmp_path / "three.yaml", body)
+    spec = parse_spec(_load_yaml(path), path, str(tmp_path),
+                      {"shard_size": 60_000, "part_size": 8_000})  # fmt: skip
+    monkeypatch.setenv("RAYMERGE_FAULT", f"fail:000003:{tmp_path}")
+    with pytest.raises(MergeFailed):
+        merge(spec, tmp_path / "three", workers=3)
+    monkeypatch.delenv("RAYMERGE_FAULT")
+    lines: list[str] = []
+    run_merge(spec, str(tmp_path / "three"), RunOptions(progress=False, workers=3),
+              log=lines.append)  # fmt: skip
+    assert any("reusing the stored zipit artifact" in line for line in lines), lines
+    three = load_model(str(tmp_path / "three"))
+    assert one.keys() == three.keys()
+    for name in one:
+        assert torch.equal(one[name], three[name]), name
+
+
+def test_merged_checkpoint_loads_with_transformers(ray_local, tmp_path, model_a, calibration):
+    transformers = pytest.importorskip("transformers")
+    a = load_model(model_a)
+    rng = torch.Generator().manual_seed(2)
+    b = permuted({k: v + 0.1 * torch.randn(v.shape, generator=rng) for k, v in a.items()}, 8)
+    b_dir = save_model(b, model_a, tmp_path / "b")
+    body = zip_config("zipit", model_a, b_dir, calibration, residual="permute")
+    _, merged = run_config(tmp_path, body)
+    model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    tokens = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs = model(tokens).logits
+    assert torch.allclose(theirs, logits_of(merged, tokens), atol=1e-4)
+
+
+def plan_of(tmp_path, body: dict):
+    from raymerge.checkpoint import open_checkpoint
+    from raymerge.plan import make_plan
+
+    path = write_config(tmp_path / "plan.yaml", body)
+    spec = parse_spec(_load_yaml(path), path, str(tmp_path))
+    return make_plan(spec, [open_checkpoint(m.path) for m in spec.inputs])
+
+
+@pytest.fixture
+def model_b(tmp_path, model_a) -> str:
+    return save_model(load_model(model_a), model_a, tmp_path / "b")
+
+
+def test_calibration_formats_give_the_same_sequences(tmp_path, model_a, model_b):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=700)
+    np.save(tmp_path / "ids.npy", ids.reshape(7, 100))
+    pq.write_table(pa.table({"input_ids": [ids[:300].tolist(), ids[300:].tolist()]}),
+                   tmp_path / "ids.parquet")  # fmt: skip
+    plans = [
+        plan_of(tmp_path, zip_config("permute", model_a, model_b, str(tmp_path / name),
+                                     calibration_tokens=650))  # fmt: skip
+        for name in ("ids.npy", "ids.parquet")
+    ]
+    assert plans[0].stage.fingerprint == plans[1].stage.fingerprint
+    assert "10 sequences of 64 tokens" in plans[0].stage.summary
+    np.save(tmp_path / "ids.npy", ids[::-1].copy())  # the same file, other tokens
+    other = plan_of(tmp_path, zip_config("permute", model_a, model_b, str(tmp_path / "ids.npy"),
+                                         calibration_tokens=650))  # fmt: skip
+    assert other.digest != plans[0].digest  # another merge: nothing done before is reused
+
+
+def test_text_calibration_uses_the_first_models_tokenizer(tmp_path, model_a, model_b):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(VOCAB - 1)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)} | {"[UNK]": 319},
+                                           unk_token="[UNK]"))  # fmt: skip
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    first = save_model(load_model(model_a), model_a, tmp_path / "a")
+    tokenizer.save(os.path.join(first, "tokenizer.json"))
+    (tmp_path / "text.txt").write_text(" ".join(words[i % 50] for i in range(300)))
+    plan = plan_of(tmp_path, zip_config("zipit", first, model_b, str(tmp_path / "text.txt")))
+    assert "4 sequences of 64 tokens" in plan.stage.summary
+    with pytest.raises(ConfigError, match="no tokenizer.json"):
+        plan_of(tmp_path, zip_config("zipit", model_b, first, str(tmp_path / "text.txt")))
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"calibration": "missing.npy"}, ConfigError, "missing.npy.*cannot be read"),
+        ({"calibration": "big.npy"}, DataError, r"token ids must lie in \[0, 320\)"),
+        ({"calibration": "floats.npy"}, DataError, "integer array"),
+        ({"calibration": "short.npy"}, ConfigError, "fewer than one sequence"),
+        ({"calibration": "junk.parquet"}, DataError, "not a readable Parquet"),
+        ({"alpha": 0.0}, ConfigError, "alpha must be above 0"),
+        ({"match": ["mlp", "banana"]}, ConfigError, r"not a list of \['mlp', 'attention'\]"),
+        ({"beta": [{"filter": "mlp", "value": 0.5}, {"value": 0.1}]}, ConfigError,
+         "hold for the whole model"),
+    ],
+)  # fmt: skip
+def test_bad_settings_and_data_are_refused_at_plan_time(tmp_path, model_a, model_b, change,
+                                                        error, message):  # fmt: skip
+    np.save(tmp_path / "big.npy", np.full(200, VOCAB))
+    np.save(tmp_path / "floats.npy", np.zeros(200))
+    np.save(tmp_path / "short.npy", np.zeros(10, dtype=np.int64))
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
+    parameters = {"calibration": "big.npy"} | change
+    body = zip_config("zipit", model_a, model_b, **parameters)
+    with pytest.raises(error, match=message):
+        plan_of(tmp_path, body)
+
+
+def test_models_that_are_not_llama_shaped_alike_are_refused(tmp_path, model_a, calibration):
+    a = load_model(model_a)
+    extra = save_model(a | {"model.layers.0.self_attn.q_proj.bias": torch.zeros(HIDDEN)},
+                       model_a, tmp_path / "bias")  # fmt: skip
+    with pytest.raises(ConfigError, match="q_proj.bias"):
+        plan_of(tmp_path, zip_config("permute", model_a, extra, calibration))
+    other = save_model(a, model_a, tmp_path / "other")
+    config = json.loads((tmp_path / "other" / "config.json").read_text())
+    (tmp_path / "other" / "config.json").write_text(json.dumps(config | {"rope_theta": 5e5}))
+    with pytest.raises(ConfigError, match="one shape"):
+        plan_of(tmp_path, zip_config("permute", model_a, other, calibration))
+    (tmp_path / "other" / "config.json").write_text(json.dumps(config | {"hidden_act": "gelu"}))
+    with pytest.raises(ConfigError, match="hidden_act"):
+        plan_of(tmp_path, zip_config("permute", model_a, other, calibration))
+
+
+def test_cli_reports_bad_calibration_in_one_line(tmp_path, model_a, model_b):
+    from click.testing import CliRunner
+
+    from raymerge.cli import main
+
+    np.save(tmp_path / "big.npy", np.full(200, VOCAB))
+    path = write_config(tmp_path / "c.yaml", zip_config("zipit", model_a, model_b, "big.npy"))
+    result = CliRunner().invoke(main, ["run", path, str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "token ids must lie in [0, 320)" in result.output
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(main, ["plan", path])
+    assert result.exit_code == 1, result.output
+    np.save(tmp_path / "big.npy", np.zeros(200, dtype=np.int64))
+    result = CliRunner().invoke(main, ["plan", path])
+    assert result.exit_code == 0, result.output
+    assert "prepare: zipit statistics over 3 sequences of 64 tokens" in result.output
