@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from raymerge.checkpoint import Checkpoint
+from raymerge.datastage import StagePlan
 from raymerge.dtypes import FLOAT_DTYPES, itemsize
 from raymerge.errors import ConfigError
 from raymerge.mapping import RowFill, TensorJob, map_tensors, output_shape, vocab_row_maps
 from raymerge.methods import REGISTRY
-from raymerge.methods.base import StagePlan, block_rows, rows_of
+from raymerge.methods.base import block_rows, rows_of
 from raymerge.safetensors_format import TensorEntry, build_header
 from raymerge.sizes import human
 from raymerge.spec import MergeSpec

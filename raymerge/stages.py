@@ -14,15 +14,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from raymerge.datastage import DataStage, StageItem
 from raymerge.ledger import Ledger
-from raymerge.methods.base import (
-    DataStage,
-    FactRound,
-    MergeInputs,
-    MergeMethod,
-    StageItem,
-    add_stats,
-)
+from raymerge.methods.base import FactRound, MergeInputs, MergeMethod, add_stats
 from raymerge.plan import Plan
 
 ARTIFACT = "facts"

@@ -381,3 +381,19 @@ def test_cli_reports_bad_calibration_in_one_line(tmp_path, model_a, model_b):
     result = CliRunner().invoke(main, ["plan", path])
     assert result.exit_code == 0, result.output
     assert "prepare: zipit statistics over 3 sequences of 64 tokens" in result.output
+
+
+def test_calibration_from_s3(tmp_path, model_a, model_b, s3_bucket):
+    from raymerge.storage import s3
+
+    ids = np.random.default_rng(4).integers(0, VOCAB, size=300)
+    np.save(tmp_path / "ids.npy", ids)
+    s3_bucket.client.upload_file(str(tmp_path / "ids.npy"), s3_bucket.bucket, "calib/ids.npy")
+    s3.configure(s3.S3Settings(s3_bucket.endpoint))
+    try:
+        remote = plan_of(tmp_path, zip_config("permute", model_a, model_b,
+                                              s3_bucket.uri("calib/ids.npy")))  # fmt: skip
+    finally:
+        s3.configure(s3.S3Settings())
+    local = plan_of(tmp_path, zip_config("permute", model_a, model_b, str(tmp_path / "ids.npy")))
+    assert remote.stage.fingerprint == local.stage.fingerprint

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from raymerge.datastage import DataStage, DataStep, StageItem, StagePlan
 from raymerge.errors import ConfigError
-from raymerge.methods.base import DataStage, DataStep, StageItem, StagePlan
 from raymerge.zipit import calibration
 from raymerge.zipit.shape import EMBED, LlamaShape, layer_tensor_names, role_of
 
@@ -172,8 +172,8 @@ def gather_block(runner, item: StageItem, data: dict) -> dict:
     from raymerge.zipit import forward
 
     shape = LlamaShape.from_dict(data["shape"])
-    tokens = torch.from_numpy(np.asarray(item.data, dtype=np.int64))
-    rope = forward.rope_tables(shape, tokens.shape[1])
+    tokens = torch.from_numpy(np.asarray(item.data, dtype=np.int64)).to(runner.device)
+    rope = forward.rope_tables(shape, tokens.shape[1], runner.device)
     models = range(data["models"])
     hidden = [forward.embed(runner.read_input(EMBED, m), tokens) for m in models]
     sums = {}
@@ -192,7 +192,7 @@ def gather_block(runner, item: StageItem, data: dict) -> dict:
 
 def _sums(features) -> tuple[int, np.ndarray, np.ndarray]:
     wide = features.double()
-    return int(wide.shape[0]), wide.sum(0).numpy(), (wide.T @ wide).numpy()
+    return int(wide.shape[0]), wide.sum(0).cpu().numpy(), (wide.T @ wide).cpu().numpy()
 
 
 def _fold_sums(state: dict, position: int, item: StageItem, result: dict) -> None:

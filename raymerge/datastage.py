@@ -1,0 +1,61 @@
+"""What a data stage is: a prepare stage over data of its own (ZipIt's calibration tokens),
+declared by a method and run by stages.py. A leaf module, so a stage's own module can
+import it without importing the method registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StageItem:
+    """One piece of a data stage's work (e.g. a block of calibration sequences)."""
+
+    key: str
+    nbytes: int  # what it weighs: the pool runs the largest first
+    data: Any = None
+
+    @property
+    def input_bytes(self) -> int:
+        return self.nbytes
+
+
+@dataclass(frozen=True)
+class DataStep:
+    """One map of a data stage. `items(state)` lists the work on the driver; `run(runner,
+    item, payload)` does one item on a worker (with the worker's open sources) and returns
+    numpy arrays and plain values, never torch tensors (the driver does not import torch);
+    `fold(state, position, item, result)` takes each result into the state on the driver,
+    in item order whatever order they finish in, so any worker count gives the same state."""
+
+    label: str
+    items: Callable[[dict], list[StageItem]]
+    run: Callable[[Any, StageItem, Any], Any]
+    fold: Callable[[dict, int, StageItem, Any], None]
+    payload: Callable[[StageItem, dict], Any] | None = None
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What a data stage found at plan time: a fingerprint of its own inputs (the plan's
+    digest covers it), a line for `raymerge plan`, and plain settings for the run."""
+
+    fingerprint: str
+    summary: str
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DataStage:
+    """A prepare stage over data of its own rather than over work units (ZipIt's
+    calibration forward, then its matching): checked and fingerprinted at plan time
+    (`plan`, which raises ConfigError for bad input), run as steps on the pool, stored as
+    one artifact in the ledger, and handed to each tensor's merge as `MergeInputs.facts`."""
+
+    name: str
+    plan: Callable[[Any, list, list], StagePlan]  # (spec, checkpoints, planned tensors)
+    steps: tuple[DataStep, ...]
+    artifact: Callable[[dict], dict]  # the final state -> what is stored (JSON and arrays)
+    facts: Callable[[dict, Any], dict | None]  # (artifact, OutputTensor) -> its facts
