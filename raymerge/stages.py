@@ -6,6 +6,10 @@ such tensors, each worker returns small statistics per tensor, the driver adds t
 scope (a tensor, or the whole model) and reduces them with the method's own `reduce`. The
 result is stored in the ledger as an artifact, so a resumed run does not gather it again,
 and reaches the merge through `MergeInputs.facts`.
+
+A method may instead declare a data stage (`DataStage`: ZipIt's calibration statistics and
+matching): its steps map over items of their own, the results are folded in item order, and
+the final state is stored as one artifact the same way.
 """
 
 from __future__ import annotations
