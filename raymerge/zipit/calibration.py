@@ -36,11 +36,12 @@ class Calibration:
 
 
 def resolve(path: str, config_source: str) -> str:
-    """A calibration path relative to the config's folder, as model paths are."""
-    if is_remote(path) or os.path.isabs(path):
-        return path
-    folder = os.path.dirname(os.path.abspath(config_source)) if config_source else os.getcwd()
-    return os.path.join(folder, path)
+    """A calibration path as model paths are found: from the working directory, else from
+    the config's folder."""
+    path = os.path.expanduser(path)
+    if is_remote(path) or os.path.isabs(path) or os.path.exists(path):
+        return path if is_remote(path) else os.path.abspath(path)
+    return os.path.join(os.path.dirname(os.path.abspath(config_source)), path)
 
 
 def load(path: str, tokens: int, sequence_length: int, vocab: int,
