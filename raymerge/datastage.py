@@ -56,6 +56,15 @@ class DataStage:
 
     name: str
     plan: Callable[[Any, list, list], StagePlan]  # (spec, checkpoints, planned tensors)
-    steps: tuple[DataStep, ...]
+    steps: tuple[DataStep, ...]  # run in order, once per pass
     artifact: Callable[[dict], dict]  # the final state -> what is stored (JSON and arrays)
     facts: Callable[[dict, Any], dict | None]  # (artifact, OutputTensor) -> its facts
+    # passes(settings): how often `steps` run (ZipIt: one pass per window of layers, so a
+    # pass's statistics stay small); state["pass"] tells the steps which one this is
+    passes: Callable[[dict], int] | None = None
+    end_pass: Callable[[dict], None] | None = None  # drop what the next pass does not need
+    final: tuple[DataStep, ...] = ()  # run once, after the last pass
+
+    def step(self, number: int) -> DataStep:
+        """Step `number` of steps + final (how a worker is told which one to run)."""
+        return (self.steps + self.final)[number]

@@ -103,11 +103,15 @@ def _data_stage(pool, plan: Plan, stage: DataStage, ledger: Ledger, log) -> dict
     artifact = _decoded(ledger.artifact(stage.name))
     if artifact is None:
         state = {"settings": plan.stage.settings}
-        for number, step in enumerate(stage.steps):
-            items = step.items(state)
-            if items:
-                log(f"prepare: {step.label} ({len(items)} items)")
-                _run_step(pool, number, step, items, state)
+        passes = 1 if stage.passes is None else stage.passes(state["settings"])
+        for state["pass"] in range(passes):
+            shown = f", pass {state['pass'] + 1} of {passes}" if passes > 1 else ""
+            for number, step in enumerate(stage.steps):
+                _run_step(pool, number, step, state, log, shown)
+            if stage.end_pass is not None:
+                stage.end_pass(state)
+        for number, step in enumerate(stage.final, start=len(stage.steps)):
+            _run_step(pool, number, step, state, log)
         artifact = stage.artifact(state)
         ledger.store_artifact(stage.name, encode_arrays(artifact))
     else:
@@ -130,9 +134,13 @@ def _decoded(stored: Any) -> Any:
         return None
 
 
-def _run_step(pool, number: int, step, items: list[StageItem], state: dict) -> None:
-    """Map `step` over `items` on the pool; fold the results in item order as soon as
+def _run_step(pool, number: int, step, state: dict, log, shown: str = "") -> None:
+    """Map `step` over its items on the pool; fold the results in item order as soon as
     each one's predecessors are in (so at most the out-of-order ones wait)."""
+    items: list[StageItem] = step.items(state)
+    if not items:
+        return
+    log(f"prepare: {step.label} ({len(items)} items{shown})")
     position = {item.key: i for i, item in enumerate(items)}
     waiting: dict[int, Any] = {}
     folded = 0

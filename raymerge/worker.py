@@ -211,7 +211,7 @@ class UnitRunner:
 
     def stage(self, item: Any, request: dict[str, Any]) -> Any:
         """Step `request["step"]` of the method's data stage, for one of its items."""
-        step = self.method.stage.steps[request["step"]]
+        step = self.method.stage.step(request["step"])
         with self._merging:  # one stage item at a time holds a worker's memory
             return step.run(self, item, request["data"])
 

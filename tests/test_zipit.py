@@ -397,3 +397,24 @@ def test_calibration_from_s3(tmp_path, model_a, model_b, s3_bucket):
         s3.configure(s3.S3Settings())
     local = plan_of(tmp_path, zip_config("permute", model_a, model_b, str(tmp_path / "ids.npy")))
     assert remote.stage.fingerprint == local.stage.fingerprint
+
+
+def test_passes_over_windows_of_layers_give_the_same_bytes(ray_local, tmp_path, model_a,
+                                                           calibration, monkeypatch):  # fmt: skip
+    """A pass per layer (what a large model gets: each item's sums stay small) gives the
+    bytes of one pass over every layer, RegMean's Gram matrices included."""
+    from raymerge.zipit import stage
+
+    a = load_model(model_a)
+    rng = torch.Generator().manual_seed(5)
+    b = permuted({k: v + 0.1 * torch.randn(v.shape, generator=rng) for k, v in a.items()}, 9)
+    b_dir = save_model(b, model_a, tmp_path / "b")
+    body = zip_config("zipit", model_a, b_dir, calibration, residual="permute", beta=0.5,
+                      combine="regmean")  # fmt: skip
+    assert plan_of(tmp_path, body).stage.settings["window"] == LAYERS
+    _, whole = run_config(tmp_path, body, "whole", workers=2)
+    monkeypatch.setattr(stage, "RESULT_BYTES", 1)
+    assert "in passes of 1 layer" in plan_of(tmp_path, body).stage.summary
+    _, windows = run_config(tmp_path, body, "windows", workers=2)
+    for name in whole:
+        assert torch.equal(whole[name], windows[name]), name

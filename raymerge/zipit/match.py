@@ -362,15 +362,27 @@ def residual_permutations(corrs: list[np.ndarray], models: int) -> list[np.ndarr
     """
     if not corrs:
         raise ValueError("residual_permutations needs at least one correlation matrix")
-    size = _check_square(corrs[0], models)
+    _check_square(corrs[0], models)
     if any(c.shape != corrs[0].shape for c in corrs):
         raise ValueError("all residual correlation matrices must have the same shape")
+    total = residual_cross(corrs[0], models)
+    for corr in corrs[1:]:
+        total += residual_cross(corr, models)
+    return residual_assignment(total)
+
+
+def residual_cross(corr: np.ndarray, models: int) -> np.ndarray:
+    """One layer's share of the residual matching: [models - 1, d, d], model 0's dims
+    against each other model's (summed over layers, in layer order, by the caller)."""
+    size = _check_square(corr, models)
     d = size // models
-    perms = [np.arange(d, dtype=np.int64)]
-    for m in range(1, models):
-        cross = sum(_assignable(c[:d, m * d : (m + 1) * d]) for c in corrs)
-        perms.append(_assign(cross))
-    return perms
+    return np.stack([_assignable(corr[:d, m * d : (m + 1) * d]) for m in range(1, models)])
+
+
+def residual_assignment(total: np.ndarray) -> list[np.ndarray]:
+    """Per model, the residual permutation from the summed cross blocks (model 0: identity)."""
+    d = total.shape[1]
+    return [np.arange(d, dtype=np.int64), *(_assign(block) for block in total)]
 
 
 # ----------------------------------------------------------------------------- timing

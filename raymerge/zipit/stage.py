@@ -29,6 +29,9 @@ STAGE_PARAMS = ("alpha", "beta", "calibration", "calibration_tokens", "sequence_
 REGMEAN_GROUPS = ("attn_in", "heads", "mlp_in", "mlp")  # the inputs of every linear layer
 # the feature group each `match:` choice matches on
 MATCHED_GROUP = {"mlp": "mlp", "attention": "heads"}
+# what one statistics item may return: a pass covers as many layers as keep its sums (fp64
+# Σxxᵀ of every gathered group, for all models side by side) within this
+RESULT_BYTES = 1 << 30
 # the Gram matrix each linear role's RegMean solve uses (its input features)
 INPUT_GROUP = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in",
                "o_proj": "heads", "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp"}
@@ -77,12 +80,15 @@ def plan(spec, checkpoints: list, tensors: list) -> StagePlan:
     path = calibration.resolve(settings["calibration"], spec.source)
     data = _load(path, settings, shape, tokenizer)
     settings |= {"calibration": path, "tokenizer": tokenizer, "fingerprint": data.fingerprint,
-                 "shape": shape.to_dict(), "models": len(positions)}  # fmt: skip
+                 "shape": shape.to_dict(), "models": len(positions),
+                 "window": layer_window(shape, _groups(settings), len(positions))}  # fmt: skip
     what = ", ".join(settings["match"]) or "nothing"
     summary = (
         f"prepare: {spec.method.name} statistics over {len(data.sequences)} sequences of "
         f"{settings['sequence_length']} tokens ({len(data.blocks())} blocks) through "
         f"{shape.layers} layers of {len(positions)} models"
+        + (f" in passes of {settings['window']} layer{'s' * (settings['window'] > 1)}"
+           if settings["window"] < shape.layers else "")
         + (f"; matching {what} per layer, residual {settings['residual']}"
            if settings["matcher"] else "")
         + ("; RegMean Gram matrices" if settings["regmean"] else "")
@@ -144,30 +150,52 @@ def _groups(settings: dict) -> list[str]:
     return sorted(groups)
 
 
-# step 1: statistics, one item per block of calibration sequences
+# step 1: statistics, one item per block of calibration sequences and window of layers
+
+
+def layer_window(shape: LlamaShape, groups: list[str], models: int) -> int:
+    """Layers per pass: as many as keep one item's sums within RESULT_BYTES (at least one)."""
+    widths = {"mlp": shape.intermediate, "heads": shape.heads * shape.head_dim}
+    per_layer = sum((models * widths.get(g, shape.hidden)) ** 2 * 8 for g in groups)
+    return max(1, min(shape.layers, RESULT_BYTES // max(1, per_layer)))
+
+
+def _passes(settings: dict) -> int:
+    return -(-settings["shape"]["layers"] // settings["window"])
+
+
+def _window(state: dict) -> tuple[int, int]:
+    settings = state["settings"]
+    lo = state["pass"] * settings["window"]
+    return lo, min(settings["shape"]["layers"], lo + settings["window"])
 
 
 def _block_items(state: dict) -> list[StageItem]:
-    settings = state["settings"]
-    data = _load(settings["calibration"], settings, LlamaShape.from_dict(settings["shape"]),
-                 settings["tokenizer"])  # fmt: skip
-    if data.fingerprint != settings["fingerprint"]:
-        raise ConfigError(
-            f"calibration {settings['calibration']!r} changed since the merge was planned; "
-            "rerun the command"
-        )
-    return [StageItem(f"calibration-{i:05d}", block.nbytes, block)
-            for i, block in enumerate(data.blocks())]  # fmt: skip
+    if "blocks" not in state:
+        settings = state["settings"]
+        data = _load(settings["calibration"], settings, LlamaShape.from_dict(settings["shape"]),
+                     settings["tokenizer"])  # fmt: skip
+        if data.fingerprint != settings["fingerprint"]:
+            raise ConfigError(
+                f"calibration {settings['calibration']!r} changed since the merge was planned; "
+                "rerun the command"
+            )
+        state["blocks"] = [StageItem(f"calibration-{i:05d}", block.nbytes, block)
+                           for i, block in enumerate(data.blocks())]  # fmt: skip
+    return state["blocks"]
 
 
 def _block_payload(item: StageItem, state: dict) -> dict:
     settings = state["settings"]
-    return {"shape": settings["shape"], "groups": _groups(settings), "models": settings["models"]}
+    return {"shape": settings["shape"], "groups": _groups(settings), "models": settings["models"],
+            "layers": _window(state), "hidden": state.get("hidden", {}).get(item.key)}  # fmt: skip
 
 
 def gather_block(runner, item: StageItem, data: dict) -> dict:
-    """Worker: run every model over one block, layer by layer; per layer and group, the
-    sums (count, Σx, Σxxᵀ) over the models' features side by side (model 0's first)."""
+    """Worker: run every model over one block through the pass's layers (from the hidden
+    states the previous pass left, or the embeddings); per layer and group, the sums
+    (count, Σx, Σxxᵀ) over the models' features side by side (model 0's first), and the
+    hidden states for the next pass."""
     from raymerge.lazy import torch
     from raymerge.zipit import forward
 
@@ -175,9 +203,13 @@ def gather_block(runner, item: StageItem, data: dict) -> dict:
     tokens = torch.from_numpy(np.asarray(item.data, dtype=np.int64)).to(runner.device)
     rope = forward.rope_tables(shape, tokens.shape[1], runner.device)
     models = range(data["models"])
-    hidden = [forward.embed(runner.read_input(EMBED, m), tokens) for m in models]
+    if data["hidden"] is None:
+        hidden = [forward.embed(runner.read_input(EMBED, m), tokens) for m in models]
+    else:
+        hidden = [torch.from_numpy(np.array(h)).to(runner.device) for h in data["hidden"]]
+    lo, hi = data["layers"]
     sums = {}
-    for layer in range(shape.layers):
+    for layer in range(lo, hi):
         names = layer_tensor_names(layer)
         features = []
         for m in models:
@@ -187,7 +219,8 @@ def gather_block(runner, item: StageItem, data: dict) -> dict:
             del weights, found
         sums[layer] = {g: _sums(torch.cat([f[g] for f in features], dim=1))
                        for g in data["groups"]}  # fmt: skip
-    return sums
+    last = hi == shape.layers
+    return {"sums": sums, "hidden": None if last else [h.cpu().numpy() for h in hidden]}
 
 
 def _sums(features) -> tuple[int, np.ndarray, np.ndarray]:
@@ -197,7 +230,7 @@ def _sums(features) -> tuple[int, np.ndarray, np.ndarray]:
 
 def _fold_sums(state: dict, position: int, item: StageItem, result: dict) -> None:
     total = state.setdefault("sums", {})
-    for layer, groups in result.items():
+    for layer, groups in result["sums"].items():
         mine = total.setdefault(int(layer), {})
         for group, (count, first, second) in groups.items():
             if group not in mine:
@@ -207,49 +240,43 @@ def _fold_sums(state: dict, position: int, item: StageItem, result: dict) -> Non
                 held[0] += count
                 held[1] += first
                 held[2] += second
+    state.setdefault("hidden", {})[item.key] = result["hidden"]
 
 
-# step 2: matching, one item per layer and feature group (and one for the residual stream)
+# step 2: matching, one item per layer and feature group of the pass
 
 
 def _match_items(state: dict) -> list[StageItem]:
     settings = state["settings"]
     if settings["matcher"] is None:
         return []
+    groups = [MATCHED_GROUP[choice] for choice in settings["match"]]
+    if settings["residual"] == "permute":
+        groups.append("residual")
     items = []
     for layer in sorted(state["sums"]):
-        for choice in settings["match"]:
-            group = MATCHED_GROUP[choice]
+        for group in groups:
             width = state["sums"][layer][group][1].size
             items.append(StageItem(f"match-{group}-{layer:05d}", width * width * 8, (group, layer)))
-    if settings["residual"] == "permute":
-        width = state["sums"][0]["residual"][1].size
-        items.append(StageItem("match-residual", width * width * 8, ("residual", None)))
     return items
 
 
 def _match_payload(item: StageItem, state: dict) -> dict:
-    settings = state["settings"]
     group, layer = item.data
-    if group == "residual":
-        sums = [state["sums"][layer]["residual"] for layer in sorted(state["sums"])]
-    else:
-        sums = state["sums"][layer][group]
     keys = ("matcher", "alpha", "beta", "shape", "models")
-    return {"sums": sums} | {k: settings[k] for k in keys}
+    return {"sums": state["sums"][layer][group]} | {k: state["settings"][k] for k in keys}
 
 
 def match_item(runner, item: StageItem, data: dict) -> np.ndarray:
-    """Worker: a layer's correlations, matched (cluster ids, head orders, or the residual
-    permutation, one row per model)."""
+    """Worker: a layer's correlations, matched (cluster ids, or head orders one row per
+    model), or for the residual stream this layer's share of the assignment's scores."""
     from raymerge.zipit import match
 
     group, _ = item.data
     models, shape = data["models"], LlamaShape.from_dict(data["shape"])
-    if group == "residual":
-        corrs = [match.correlation(*sums) for sums in data["sums"]]
-        return np.stack(match.residual_permutations(corrs, models))
     corr = match.correlation(*data["sums"])
+    if group == "residual":
+        return match.residual_cross(corr, models)
     if group == "heads":
         return np.stack(match.match_heads(corr, models, shape.heads, shape.kv_heads,
                                           shape.head_dim))  # fmt: skip
@@ -260,21 +287,55 @@ def match_item(runner, item: StageItem, data: dict) -> np.ndarray:
 
 def _fold_match(state: dict, position: int, item: StageItem, result: np.ndarray) -> None:
     group, layer = item.data
-    state.setdefault("matches", {})[group if layer is None else f"{group}/{layer}"] = result
+    if group == "residual":  # summed over layers, in layer order
+        held = state.get("residual_scores")
+        state["residual_scores"] = result.copy() if held is None else held + result
+    else:
+        state.setdefault("matches", {})[f"{group}/{layer}"] = result
+
+
+def _end_pass(state: dict) -> None:
+    """Keep what the artifact needs of this pass's sums (RegMean's Gram matrices), drop
+    the rest: the next pass's sums take their place."""
+    settings = state["settings"]
+    if settings["regmean"]:
+        grams = state.setdefault("grams", {})
+        for layer, groups in state["sums"].items():
+            for group in REGMEAN_GROUPS:
+                grams[f"{group}/{layer}"] = _grams(groups[group], settings["models"])
+    state["sums"] = {}
+
+
+# final step: the residual permutation, from every layer's scores
+
+
+def _residual_items(state: dict) -> list[StageItem]:
+    if state.get("residual_scores") is None:
+        return []
+    return [StageItem("match-residual", state["residual_scores"].nbytes, ("residual", None))]
+
+
+def _residual_payload(item: StageItem, state: dict) -> np.ndarray:
+    return state["residual_scores"]
+
+
+def assign_residual(runner, item: StageItem, scores: np.ndarray) -> np.ndarray:
+    from raymerge.zipit import match
+
+    return np.stack(match.residual_assignment(np.asarray(scores)))
+
+
+def _fold_residual(state: dict, position: int, item: StageItem, result: np.ndarray) -> None:
+    state.setdefault("matches", {})["residual"] = result
 
 
 # the artifact, and each tensor's facts
 
 
 def artifact(state: dict) -> dict:
-    settings = state["settings"]
-    stored: dict[str, Any] = {"settings": settings, "matches": state.get("matches", {})}
-    if settings["regmean"]:
-        models = settings["models"]
-        stored["grams"] = {
-            f"{group}/{layer}": _grams(state["sums"][layer][group], models)
-            for layer in state["sums"] for group in REGMEAN_GROUPS
-        }  # fmt: skip
+    stored: dict[str, Any] = {"settings": state["settings"], "matches": state.get("matches", {})}
+    if state["settings"]["regmean"]:
+        stored["grams"] = state["grams"]
     return stored
 
 
@@ -318,4 +379,8 @@ STAGE = DataStage(
     ),  # fmt: skip
     artifact=artifact,
     facts=facts,
+    passes=_passes,
+    end_pass=_end_pass,
+    final=(DataStep("the residual permutation", _residual_items, assign_residual,
+                    _fold_residual, _residual_payload),),  # fmt: skip
 )
