@@ -418,3 +418,29 @@ def test_passes_over_windows_of_layers_give_the_same_bytes(ray_local, tmp_path, 
     _, windows = run_config(tmp_path, body, "windows", workers=2)
     for name in whole:
         assert torch.equal(whole[name], windows[name]), name
+
+
+def test_zipit_in_a_batch_equals_its_run_alone(ray_local, tmp_path, model_a, calibration):
+    """A batch of a zipit and a linear recipe over the same two models: the zipit recipe
+    runs its stage through the batch's pool and gives the bytes of its run alone."""
+    import yaml
+
+    from raymerge.batch_runner import run_batch
+
+    a = load_model(model_a)
+    rng = torch.Generator().manual_seed(6)
+    b = permuted({k: v + 0.1 * torch.randn(v.shape, generator=rng) for k, v in a.items()}, 10)
+    b_dir = save_model(b, model_a, tmp_path / "b")
+    zipped = zip_config("zipit", model_a, b_dir, calibration, residual="permute") | {"name": "z"}
+    averaged = {"name": "avg", "merge_method": "linear", "dtype": "float32",
+                "models": [{"model": model_a, "parameters": {"weight": 1.0}},
+                           {"model": b_dir, "parameters": {"weight": 1.0}}]}  # fmt: skip
+    path = tmp_path / "batch.yaml"
+    path.write_text(yaml.safe_dump_all([zipped, averaged], sort_keys=False))
+    summary = run_batch(str(path), str(tmp_path / "out"), RunOptions(progress=False, workers=2),
+                        {}, log=lambda _: None)  # fmt: skip
+    assert not summary.failed, summary.lines()
+    _, alone = run_config(tmp_path, {k: v for k, v in zipped.items() if k != "name"}, "alone")
+    batched = load_model(str(tmp_path / "out" / "z"))
+    for name in alone:
+        assert torch.equal(alone[name], batched[name]), name
