@@ -16,6 +16,7 @@ class StageItem:
     key: str
     nbytes: int  # what it weighs: the pool runs the largest first
     data: Any = None
+    work: float = 0.0  # floating-point operations it costs: its deadline grows with them
 
     @property
     def input_bytes(self) -> int:

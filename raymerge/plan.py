@@ -249,6 +249,10 @@ class RecipeUnit:
     def input_bytes(self) -> int:
         return self.unit.input_bytes
 
+    @property
+    def work(self) -> float:
+        return getattr(self.unit, "work", 0.0)
+
 
 @dataclass(frozen=True)
 class SharedItem:

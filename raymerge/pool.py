@@ -24,6 +24,7 @@ IN_FLIGHT_PER_WORKER = 3  # the worker's pipeline depth: fetching, merging, writ
 READY_TIMEOUT_S = 120.0  # a worker actor that is not up by then cannot be placed
 MIN_DEADLINE_S = 300.0  # an item that takes longer than this (plus its bytes at
 DEADLINE_BYTES_PER_S = 20e6  # this rate) is taken to hang: its actor is replaced
+DEADLINE_WORK_PER_S = 1e9  # and its floating-point work, if it declares any, at this rate
 
 
 class Item(Protocol):
@@ -255,7 +256,9 @@ class WorkerPool:
     def _deadline(self, item: Any) -> float:
         if self.options.deadline_s is not None:
             return self.options.deadline_s
-        return MIN_DEADLINE_S + getattr(item, "input_bytes", item.nbytes) / DEADLINE_BYTES_PER_S
+        size = getattr(item, "input_bytes", item.nbytes)
+        work = getattr(item, "work", 0.0)
+        return MIN_DEADLINE_S + size / DEADLINE_BYTES_PER_S + work / DEADLINE_WORK_PER_S
 
     def _expire(self, in_flight, load, queue, attempts, avoid) -> int:
         """Items past their deadline: their actor is taken to hang and is replaced, the item

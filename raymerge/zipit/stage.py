@@ -180,9 +180,23 @@ def _block_items(state: dict) -> list[StageItem]:
                 f"calibration {settings['calibration']!r} changed since the merge was planned; "
                 "rerun the command"
             )
-        state["blocks"] = [StageItem(f"calibration-{i:05d}", block.nbytes, block)
+        work = _work_per_token(settings)
+        state["blocks"] = [StageItem(f"calibration-{i:05d}", block.nbytes, block,
+                                     work * block.size)
                            for i, block in enumerate(data.blocks())]  # fmt: skip
     return state["blocks"]
+
+
+def _work_per_token(settings: dict) -> float:
+    """Floating-point operations one token costs a pass: every model's layer forward and
+    the Σxxᵀ of the groups gathered (the pool's deadline for an item grows with them)."""
+    shape = LlamaShape.from_dict(settings["shape"])
+    models, hd = settings["models"], shape.head_dim
+    params = (2 * shape.hidden * (shape.heads + shape.kv_heads) * hd
+              + 3 * shape.hidden * shape.intermediate)  # fmt: skip
+    widths = {"mlp": shape.intermediate, "heads": shape.heads * hd}
+    sums = sum((models * widths.get(g, shape.hidden)) ** 2 for g in _groups(settings))
+    return 2.0 * settings["window"] * (models * params + sums)
 
 
 def _block_payload(item: StageItem, state: dict) -> dict:
