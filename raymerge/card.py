@@ -61,6 +61,10 @@ METHOD_NAMES = {
     "arcee_fusion": ("Arcee Fusion", None),
     "ram": ("Reinforced Agent Merging", None),
     "ramplus_tl": ("Reinforced Agent Merging Plus (Tensor-Local)", None),
+    # raymerge's own (not in mergekit 0.1.5)
+    "zipit": ("ZipIt!", "https://arxiv.org/abs/2305.03053"),
+    "permute": ("Permute (activation matching)", "https://arxiv.org/abs/2305.03053"),
+    "regmean": ("RegMean", "https://arxiv.org/abs/2212.09849"),
 }
 DTYPE_NAMES = {CONFIG_DTYPE_ALIASES[n]: n for n in ("bfloat16", "float16", "float32", "float64")}
 
