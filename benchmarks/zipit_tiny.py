@@ -237,8 +237,8 @@ def merge_configs(a: str, b: str, calibration: str, args) -> dict[str, dict]:
     matched = {
         "calibration": calibration,
         "calibration_tokens": args.calibration_tokens,
-        "residual": "permute",
-        "match": ["mlp", "attention"],
+        "residual": args.residual,
+        "match": args.match.split(","),
     }
     zipit = {**matched, "alpha": args.alpha, "beta": args.beta}
     return {
@@ -387,6 +387,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--beta", type=float, default=0.125)
     parser.add_argument("--calibration-tokens", type=int, default=32768)
+    parser.add_argument("--residual", default="permute", choices=("permute", "average"))
+    parser.add_argument("--match", default="mlp,attention", help="comma-separated: mlp, attention")
     parser.add_argument("--eval-seqs", type=int, default=64, help="held-out sequences a domain")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--retrain", action="store_true")
