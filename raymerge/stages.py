@@ -140,7 +140,7 @@ def _run_step(pool, number: int, step, state: dict, log, shown: str = "") -> Non
     items: list[StageItem] = step.items(state)
     if not items:
         return
-    log(f"prepare: {step.label} ({len(items)} items{shown})")
+    log(f"prepare: {step.label} ({len(items)} item{'s' * (len(items) != 1)}{shown})")
     position = {item.key: i for i, item in enumerate(items)}
     waiting: dict[int, Any] = {}
     folded = 0
