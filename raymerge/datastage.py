@@ -5,7 +5,7 @@ import it without importing the method registry."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -41,11 +41,13 @@ class DataStep:
 @dataclass(frozen=True)
 class StagePlan:
     """What a data stage found at plan time: a fingerprint of its own inputs (the plan's
-    digest covers it), a line for `raymerge plan`, and plain settings for the run."""
+    digest covers it), a line for `raymerge plan`, plain settings for the run, and the data
+    it read (the steps use these very bytes: the fingerprint is theirs)."""
 
     fingerprint: str
     summary: str
     settings: dict[str, Any]
+    data: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ def _data_stage(pool, plan: Plan, stage: DataStage, ledger: Ledger, log) -> dict
     merged tensor its facts."""
     artifact = _decoded(ledger.artifact(stage.name))
     if artifact is None:
-        state = {"settings": plan.stage.settings}
+        state = {"settings": plan.stage.settings, "data": plan.stage.data}
         passes = 1 if stage.passes is None else stage.passes(state["settings"])
         for state["pass"] in range(passes):
             shown = f", pass {state['pass'] + 1} of {passes}" if passes > 1 else ""

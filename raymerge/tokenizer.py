@@ -106,13 +106,7 @@ def read_tokenizer(checkpoint: Checkpoint, given: str, keep: bool = True) -> Inp
             "`tokenizer_source: base` (rows matched by position)"
         )
     where = source.describe(TOKENIZER_JSON)
-    size = source.size(TOKENIZER_JSON)
-    if size > MAX_TOKENIZER_BYTES:
-        raise CheckpointError(
-            f"{where}: {size} bytes is too large for a tokenizer (limit {MAX_TOKENIZER_BYTES}); "
-            f"restore the model's original {TOKENIZER_JSON}"
-        )
-    raw = source.read_range(TOKENIZER_JSON, 0, size)
+    raw = _tokenizer_bytes(checkpoint)
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:
@@ -137,6 +131,27 @@ def read_tokenizer(checkpoint: Checkpoint, given: str, keep: bool = True) -> Inp
     digest = hashlib.sha256(raw).hexdigest()
     added = tuple(sorted(added, key=lambda e: e["id"]))
     return InputTokenizer(data if keep else {}, ids, added, limit, digest)
+
+
+def _tokenizer_bytes(checkpoint: Checkpoint) -> bytes:
+    """The checkpoint's tokenizer.json, refused above MAX_TOKENIZER_BYTES (untrusted)."""
+    source = checkpoint.source
+    size = source.size(TOKENIZER_JSON)
+    if size > MAX_TOKENIZER_BYTES:
+        raise CheckpointError(
+            f"{source.describe(TOKENIZER_JSON)}: {size} bytes is too large for a tokenizer "
+            f"(limit {MAX_TOKENIZER_BYTES}); restore the model's original {TOKENIZER_JSON}"
+        )
+    return source.read_range(TOKENIZER_JSON, 0, size)
+
+
+def text_tokenizer(checkpoint: Checkpoint):
+    """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer` (to tokenize calibration
+    text), or None when it has none."""
+    if not checkpoint.source.exists(TOKENIZER_JSON):
+        return None
+    raw = _tokenizer_bytes(checkpoint)
+    return _load(raw.decode("utf-8", errors="replace"), checkpoint.source.describe(TOKENIZER_JSON))
 
 
 def _load(text: str, where: str):

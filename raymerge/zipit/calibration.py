@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raymerge.checkpoint import Checkpoint
 from raymerge.errors import ConfigError, DataError
 from raymerge.storage import is_remote, open_source
 
@@ -45,10 +46,11 @@ def resolve(path: str, config_source: str) -> str:
 
 
 def load(path: str, tokens: int, sequence_length: int, vocab: int,
-         tokenizer_json: bytes | None) -> Calibration:  # fmt: skip
-    """The first `tokens` token ids of `path`, as whole sequences of `sequence_length`."""
+         reference: Checkpoint) -> Calibration:  # fmt: skip
+    """The first `tokens` token ids of `path`, as whole sequences of `sequence_length`
+    (text is tokenized with the `reference` model's tokenizer.json)."""
     where = f"calibration {path!r}"
-    ids = _token_ids(path, tokenizer_json, where)
+    ids = _token_ids(path, reference, where)
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise DataError(
             f"{where}: token ids must lie in [0, {vocab}) for this model's vocabulary; found "
@@ -67,13 +69,13 @@ def load(path: str, tokens: int, sequence_length: int, vocab: int,
     return Calibration(sequences, digest)
 
 
-def _token_ids(path: str, tokenizer_json: bytes | None, where: str) -> np.ndarray:
+def _token_ids(path: str, reference: Checkpoint, where: str) -> np.ndarray:
     raw = _read(path, where)
     suffix = posixpath.splitext(path.split("?", 1)[0])[1].lower()
     if suffix == ".npy":
         return _from_npy(raw, where)
     if suffix == ".parquet":
-        return _from_parquet(raw, tokenizer_json, where)
+        return _from_parquet(raw, reference, where)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -81,7 +83,7 @@ def _token_ids(path: str, tokenizer_json: bytes | None, where: str) -> np.ndarra
             f"{where} is neither .npy, .parquet nor UTF-8 text; give token ids (.npy, or "
             "Parquet with an input_ids column) or text"
         ) from None
-    return _tokenize([text], tokenizer_json, where)
+    return _tokenize([text], reference, where)
 
 
 def _read(path: str, where: str) -> bytes:
@@ -111,7 +113,7 @@ def _from_npy(raw: bytes, where: str) -> np.ndarray:
     return array.reshape(-1).astype(np.int64)
 
 
-def _from_parquet(raw: bytes, tokenizer_json: bytes | None, where: str) -> np.ndarray:
+def _from_parquet(raw: bytes, reference: Checkpoint, where: str) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -132,24 +134,21 @@ def _from_parquet(raw: bytes, tokenizer_json: bytes | None, where: str) -> np.nd
     for name in TEXT_COLUMNS:
         if name in table.column_names:
             texts = [t for t in table.column(name).to_pylist() if isinstance(t, str)]
-            return _tokenize(texts, tokenizer_json, where)
+            return _tokenize(texts, reference, where)
     raise DataError(
         f"{where}: no token column ({', '.join(TOKEN_COLUMNS)}) or text column "
         f"({', '.join(TEXT_COLUMNS)}); its columns: {', '.join(table.column_names)}"
     )
 
 
-def _tokenize(texts: list[str], tokenizer_json: bytes | None, where: str) -> np.ndarray:
-    if tokenizer_json is None:
+def _tokenize(texts: list[str], reference: Checkpoint, where: str) -> np.ndarray:
+    from raymerge.tokenizer import text_tokenizer  # (it imports the method registry)
+
+    tokenizer = text_tokenizer(reference)
+    if tokenizer is None:
         raise ConfigError(
             f"{where} is text, but the first model has no tokenizer.json to tokenize it; "
             "give token ids (.npy or Parquet) instead"
         )
-    from tokenizers import Tokenizer
-
-    try:
-        tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
-    except Exception as exc:  # the tokenizers library raises its own exception types
-        raise DataError(f"the first model's tokenizer.json cannot be loaded: {exc}") from None
     ids = [token for encoding in tokenizer.encode_batch(texts) for token in encoding.ids]
     return np.asarray(ids, dtype=np.int64)

@@ -24,8 +24,6 @@ from raymerge.zipit import calibration
 from raymerge.zipit.shape import EMBED, LlamaShape, layer_tensor_names, role_of
 
 NAME = "zipit"
-STAGE_PARAMS = ("alpha", "beta", "calibration", "calibration_tokens", "sequence_length",
-                "residual", "match", "combine", "regmean_alpha")  # fmt: skip
 REGMEAN_GROUPS = ("attn_in", "heads", "mlp_in", "mlp")  # the inputs of every linear layer
 # the feature group each `match:` choice matches on
 MATCHED_GROUP = {"mlp": "mlp", "attention": "heads"}
@@ -75,11 +73,10 @@ def plan(spec, checkpoints: list, tensors: list) -> StagePlan:
                 f"{spec.source}: {spec.method.name} knows the tensors of Llama-layout decoders; "
                 f"{tensor.name!r} is not one of them"
             )
-    reference = checkpoints[positions[0]]
-    tokenizer = reference.source.root if reference.source.exists("tokenizer.json") else None
     path = calibration.resolve(settings["calibration"], spec.source)
-    data = _load(path, settings, shape, tokenizer)
-    settings |= {"calibration": path, "tokenizer": tokenizer, "fingerprint": data.fingerprint,
+    data = calibration.load(path, settings["tokens"], settings["sequence_length"], shape.vocab,
+                            checkpoints[positions[0]])  # fmt: skip
+    settings |= {"calibration": path, "fingerprint": data.fingerprint,
                  "shape": shape.to_dict(), "models": len(positions),
                  "window": layer_window(shape, _groups(settings), len(positions))}  # fmt: skip
     what = ", ".join(settings["match"]) or "nothing"
@@ -93,7 +90,7 @@ def plan(spec, checkpoints: list, tensors: list) -> StagePlan:
            if settings["matcher"] else "")
         + ("; RegMean Gram matrices" if settings["regmean"] else "")
     )  # fmt: skip
-    return StagePlan(data.fingerprint, summary, settings)
+    return StagePlan(data.fingerprint, summary, settings, data)
 
 
 def _one_setting(spec, merged: list) -> dict[str, Any]:
@@ -130,17 +127,6 @@ def _common_shape(spec, checkpoints: list) -> LlamaShape:
     return shapes[0]
 
 
-def _load(path: str, settings: dict, shape: LlamaShape, tokenizer: str | None):
-    tokenizer_json = None
-    if tokenizer is not None:
-        from raymerge.storage import open_source
-
-        source = open_source(tokenizer)
-        tokenizer_json = source.read_range("tokenizer.json", 0, source.size("tokenizer.json"))
-    return calibration.load(path, settings["tokens"], settings["sequence_length"], shape.vocab,
-                            tokenizer_json)  # fmt: skip
-
-
 def _groups(settings: dict) -> list[str]:
     groups = {MATCHED_GROUP[m] for m in settings["match"]}
     if settings["residual"] == "permute":
@@ -153,10 +139,16 @@ def _groups(settings: dict) -> list[str]:
 # step 1: statistics, one item per block of calibration sequences and window of layers
 
 
+def _width(shape: LlamaShape, group: str) -> int:
+    """Features of one model in a group: MLP neurons, head outputs, or the hidden size."""
+    return {"mlp": shape.intermediate, "heads": shape.heads * shape.head_dim}.get(
+        group, shape.hidden
+    )
+
+
 def layer_window(shape: LlamaShape, groups: list[str], models: int) -> int:
     """Layers per pass: as many as keep one item's sums within RESULT_BYTES (at least one)."""
-    widths = {"mlp": shape.intermediate, "heads": shape.heads * shape.head_dim}
-    per_layer = sum((models * widths.get(g, shape.hidden)) ** 2 * 8 for g in groups)
+    per_layer = sum((models * _width(shape, g)) ** 2 * 8 for g in groups)
     return max(1, min(shape.layers, RESULT_BYTES // max(1, per_layer)))
 
 
@@ -171,19 +163,11 @@ def _window(state: dict) -> tuple[int, int]:
 
 
 def _block_items(state: dict) -> list[StageItem]:
-    if "blocks" not in state:
-        settings = state["settings"]
-        data = _load(settings["calibration"], settings, LlamaShape.from_dict(settings["shape"]),
-                     settings["tokenizer"])  # fmt: skip
-        if data.fingerprint != settings["fingerprint"]:
-            raise ConfigError(
-                f"calibration {settings['calibration']!r} changed since the merge was planned; "
-                "rerun the command"
-            )
-        work = _work_per_token(settings)
+    if "blocks" not in state:  # the blocks of what the plan read (and fingerprinted)
+        work = _work_per_token(state["settings"])
         state["blocks"] = [StageItem(f"calibration-{i:05d}", block.nbytes, block,
                                      work * block.size)
-                           for i, block in enumerate(data.blocks())]  # fmt: skip
+                           for i, block in enumerate(state["data"].blocks())]  # fmt: skip
     return state["blocks"]
 
 
@@ -194,8 +178,7 @@ def _work_per_token(settings: dict) -> float:
     models, hd = settings["models"], shape.head_dim
     params = (2 * shape.hidden * (shape.heads + shape.kv_heads) * hd
               + 3 * shape.hidden * shape.intermediate)  # fmt: skip
-    widths = {"mlp": shape.intermediate, "heads": shape.heads * hd}
-    sums = sum((models * widths.get(g, shape.hidden)) ** 2 for g in _groups(settings))
+    sums = sum((models * _width(shape, g)) ** 2 for g in _groups(settings))
     return 2.0 * settings["window"] * (models * params + sums)
 
 
