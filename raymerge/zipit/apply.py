@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from raymerge.lazy import torch
-from raymerge.methods.base import MergeInputs
+from raymerge.methods.base import MergeInputs, compute_dtype
 
 NORMS = ("input_layernorm", "post_attention_layernorm", "norm")
 EMBEDDINGS = ("embed_tokens", "lm_head")
@@ -26,27 +26,37 @@ def merge(inputs: MergeInputs) -> torch.Tensor:
     facts = inputs.facts
     if facts is None:
         raise ValueError(f"{inputs.name!r}: the calibration stage gave no matches")
-    weights = [_wide(t) for t in inputs.tensors]
+    weights = [t.to(compute_dtype(t)) for t in inputs.tensors]
     role = facts["role"]
     if role in ("gate_proj", "up_proj") and facts["clusters"] is not None:
-        rows, present = _zipped_rows(weights, facts)
-        return _combine(rows, facts, present)
+        return _merge_zipped_rows(weights, facts)
     aligned = [_align(role, w, m, facts) for m, w in enumerate(weights)]
-    return _combine(aligned, facts, [None] * len(aligned))
+    if facts["grams"] is not None:
+        return _regmean(aligned, facts)
+    return _total(aligned) / len(aligned)
 
 
-def _wide(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+def _total(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Σ of the tensors, added in order (a new tensor)."""
+    total = tensors[0].clone()
+    for tensor in tensors[1:]:
+        total += tensor
+    return total
 
 
 def _index(values: Any) -> torch.Tensor | None:
     return None if values is None else torch.as_tensor(np.asarray(values), dtype=torch.long)
 
 
+def _residual_order(facts: dict, model: int) -> torch.Tensor | None:
+    """Merged residual dim -> this model's dim (None: the residual stream is averaged)."""
+    return None if facts["residual"] is None else _index(facts["residual"][model])
+
+
 def _align(role: str, weight: torch.Tensor, model: int, facts: dict) -> torch.Tensor:
     """Model `model`'s tensor in the merged bases (rows of zipped MLP neurons excepted:
     see _zipped_rows)."""
-    residual = _index(None if facts["residual"] is None else facts["residual"][model])
+    residual = _residual_order(facts, model)
     if role in NORMS:
         return weight if residual is None else weight[residual]
     if role in EMBEDDINGS or role in ("gate_proj", "up_proj"):
@@ -128,48 +138,38 @@ def _unmerged_columns(weight: torch.Tensor, model: int, facts: dict) -> torch.Te
 
 
 def _zipped_rows(weights: list[torch.Tensor], facts: dict) -> tuple[list, list]:
-    """gate/up rows per model in the merged neurons: each cluster's mean over this model's
-    members, and which clusters the model has members in. (ZipIt's M weighs every member
-    of a cluster alike: see _combine.)"""
+    """gate/up rows per model in the merged neurons: the sum of this model's members of
+    each cluster, and how many there are."""
     width = weights[0].shape[0]
-    rows, present = [], []
+    sums, counts = [], []
     for model, weight in enumerate(weights):
-        residual = None if facts["residual"] is None else facts["residual"][model]
-        aligned = _columns(weight, _index(residual))
+        aligned = _columns(weight, _residual_order(facts, model))
         ids = _model_clusters(facts, model, width)
-        counts = torch.bincount(ids, minlength=width).to(aligned.dtype)
-        total = cluster_sum(aligned, ids, width)
-        rows.append((total, counts))
-        present.append(counts > 0)
-    return rows, present
+        counts.append(torch.bincount(ids, minlength=width).to(aligned.dtype))
+        sums.append(cluster_sum(aligned, ids, width))
+    return sums, counts
 
 
-def _combine(aligned: list, facts: dict, present: list) -> torch.Tensor:
+def _merge_zipped_rows(weights: list[torch.Tensor], facts: dict) -> torch.Tensor:
+    """ZipIt's M weighs every member of a cluster alike, whichever model it comes from;
+    RegMean fits each model's mean over its members, over the models that have any."""
+    sums, counts = _zipped_rows(weights, facts)
     if facts["grams"] is not None:
-        return _regmean(aligned, facts, present)
-    if isinstance(aligned[0], tuple):  # zipped rows: Σ members / members, over all models
-        total = aligned[0][0].clone()
-        counts = aligned[0][1].clone()
-        for rows, count in aligned[1:]:
-            total += rows
-            counts += count
-        return total / counts.clamp(min=1)[:, None]
-    total = aligned[0].clone()
-    for weight in aligned[1:]:
-        total += weight
-    return total / len(aligned)
+        means = [total / count.clamp(min=1)[:, None] for total, count in zip(sums, counts)]
+        return _regmean(means, facts, [count > 0 for count in counts])
+    return _total(sums) / _total(counts).clamp(min=1)[:, None]
 
 
-def aligned_grams(facts: dict, models: int) -> list[torch.Tensor]:
+def _aligned_grams(facts: dict) -> list[torch.Tensor]:
     """Each model's input Gram matrix in the merged input basis, off-diagonal entries
     scaled by RegMean's alpha."""
     grams = [torch.as_tensor(np.asarray(g), dtype=torch.float64) for g in facts["grams"]]
     role, out = facts["role"], []
     for model, gram in enumerate(grams):
         if role in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-            order = _index(None if facts["residual"] is None else facts["residual"][model])
+            order = _residual_order(facts, model)
         elif role == "o_proj":
-            order = _head_features(facts, model, gram.shape[0])
+            order = _head_features(facts, model)
         else:  # down_proj: features averaged per cluster
             order = None
             if facts["clusters"] is not None:
@@ -181,7 +181,7 @@ def aligned_grams(facts: dict, models: int) -> list[torch.Tensor]:
     return out
 
 
-def _head_features(facts: dict, model: int, width: int) -> torch.Tensor | None:
+def _head_features(facts: dict, model: int) -> torch.Tensor | None:
     order = _head_order("o_proj", model, facts)
     if order is None:
         return None
@@ -198,17 +198,16 @@ def _cluster_mean_gram(gram: torch.Tensor, facts: dict, model: int) -> torch.Ten
     return cluster_sum(rows.T.contiguous(), ids, width).T / counts[None, :]
 
 
-def _regmean(aligned: list, facts: dict, present: list) -> torch.Tensor:
-    """W* = (Σ W_m G_m)(Σ G_m)⁻¹ over the models present in each row (all of them, but
-    for zipped MLP rows), in fp64."""
-    grams = aligned_grams(facts, len(aligned))
-    if isinstance(aligned[0], tuple):  # zipped rows: each model's mean over its members
-        weights = [(rows / count.clamp(min=1)[:, None]).double() for rows, count in aligned]
-    else:
-        weights = [w.double() for w in aligned]
+def _regmean(aligned: list[torch.Tensor], facts: dict,
+             present: list[torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+    """W* = (Σ W_m G_m)(Σ G_m)⁻¹ over the models present in each row (`present`: per model,
+    its rows; None: every model in every row), in fp64."""
+    grams = _aligned_grams(facts)
+    weights = [w.double() for w in aligned]
     out = torch.empty_like(weights[0])
-    masks = torch.stack([torch.ones(len(weights[0]), dtype=torch.bool) if p is None else p
-                         for p in present])  # fmt: skip
+    if present is None:
+        present = [torch.ones(len(weights[0]), dtype=torch.bool)] * len(weights)
+    masks = torch.stack(present)
     for pattern in torch.unique(masks, dim=1).T:
         rows = (masks == pattern[:, None]).all(0)
         models = [m for m in range(len(weights)) if pattern[m]]
