@@ -8,16 +8,10 @@ of a vector of length F = N*n. Statistics arrive as (count, total, outer) sums o
 Cluster ids (`zip_clusters`, `permute_clusters`) give, for each of the F original features,
 the id 0..n-1 of its merged feature; clusters are numbered in increasing order of their
 smallest member, so model 0's features keep their positions whenever each cluster holds one
-of them.
-
-Run `python -m raymerge.zipit.match N_PER_MODEL [MODELS]` to time `zip_clusters` on a random
-matrix (for example 14336, the Llama-3-8B intermediate size: needs about 2 x 6.6 GB).
+of them. (benchmarks/zipit_layer_timing.py times them at Llama-3-8B width.)
 """
 
 from __future__ import annotations
-
-import sys
-import time
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -383,30 +377,3 @@ def residual_assignment(total: np.ndarray) -> list[np.ndarray]:
     """Per model, the residual permutation from the summed cross blocks (model 0: identity)."""
     d = total.shape[1]
     return [np.arange(d, dtype=np.int64), *(_assign(block) for block in total)]
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def _random_similarity(size: int, seed: int = 0) -> np.ndarray:
-    """A symmetric random [size, size] matrix built in place (one full-size allocation)."""
-    rng = np.random.default_rng(seed)
-    sim = rng.standard_normal((size, size))
-    sim *= 0.3
-    _mirror_upper(sim)
-    np.fill_diagonal(sim, 1.0)
-    return sim
-
-
-def _time_zip(n: int, models: int = 2, alpha: float = 0.3, beta: float = 0.125) -> float:
-    """Seconds that `zip_clusters` takes on a random matrix of n features per model."""
-    sim = _random_similarity(n * models)
-    start = time.perf_counter()
-    zip_clusters(sim, models, alpha, beta)
-    return time.perf_counter() - start
-
-
-if __name__ == "__main__":
-    _n = int(sys.argv[1]) if len(sys.argv) > 1 else 2048
-    _models = int(sys.argv[2]) if len(sys.argv) > 2 else 2
-    print(f"zip_clusters n={_n} models={_models}: {_time_zip(_n, _models):.2f} s")
