@@ -224,10 +224,11 @@ class UnitRunner:
         if tensor is None:
             raise KeyError(name)
         source = tensor.sources[position]
-        raw = self.sources[source.input].read_range(source.file, source.start,
-                                                    source.end - source.start)  # fmt: skip
-        flat = torch.frombuffer(bytearray(raw), dtype=torch_dtype(source.dtype))
-        return flat.reshape(source.shape)
+        raw = torch.empty(source.end - source.start, dtype=torch.uint8)
+        if raw.numel():
+            self.sources[source.input].readinto(source.file, source.start,
+                                                memoryview(raw.numpy()))  # fmt: skip
+        return raw.view(torch_dtype(source.dtype)).reshape(source.shape)
 
     @contextmanager
     def _slot(self) -> Iterator[_Slot]:
