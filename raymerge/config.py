@@ -379,13 +379,9 @@ class _Reader:
                         f"{self.method.name}; move it to the top-level `parameters:` (or the "
                         "slice's)"
                     )
-                elif p.type is tuple:  # a list taken whole, not a gradient
-                    try:
-                        p.validate(setting, f"{where}.{name}")
-                    except ValueError as exc:
-                        self.errors.append(str(exc))
                 else:
-                    check_setting(setting, f"{where}.{name}", p.validate, self.errors)
+                    check_setting(setting, f"{where}.{name}", p.validate, self.errors,
+                                  whole=p.type is tuple)  # fmt: skip
         return dict(raw)
 
     def keys(self, entry: dict, allowed: set[str], where: str) -> None:

@@ -2,7 +2,8 @@
 
 A setting is a scalar, a list of scalars (a "gradient" interpolated across layers), or a list
 of `{filter: substring, value: setting}` conditions matched against the tensor name (the
-first match wins; no filter or `*` matches everything).
+first match wins; no filter or `*` matches everything). A parameter whose value is a set of
+choices (`match: [mlp, attention]`) is read `whole`: its list is the value.
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ Scalar = bool | int | float | str
 Validate = Callable[[Any, str], Any]
 
 
-def check_setting(raw: Any, where: str, validate: Validate, errors: list[str]) -> None:
-    """Record in `errors` every problem with a setting's shape or scalar values."""
+def check_setting(raw: Any, where: str, validate: Validate, errors: list[str],
+                  whole: bool = False) -> None:  # fmt: skip
+    """Record in `errors` every problem with a setting's shape or scalar values. With
+    `whole`, the setting is one value even as a list (a set of choices, not a gradient)."""
+    if whole:
+        _check_scalar(raw, where, validate, errors)
+        return
     if isinstance(raw, dict):
         raw = [raw]
     if _is_scalar(raw):
@@ -70,8 +76,12 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, bool | int | float | str)
 
 
-def evaluate(raw: Any, tensor_name: str, t: float, validate: Validate, where: str) -> Any:
-    """The setting's value for one tensor at layer position `t` in [0, 1], or None."""
+def evaluate(raw: Any, tensor_name: str, t: float, validate: Validate, where: str,
+             whole: bool = False) -> Any:  # fmt: skip
+    """The setting's value for one tensor at layer position `t` in [0, 1], or None (`whole`:
+    as check_setting)."""
+    if whole:
+        return validate(raw, where)
     if isinstance(raw, dict):
         raw = [raw]
     if _is_scalar(raw):

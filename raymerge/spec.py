@@ -155,10 +155,9 @@ class MergeSpec:
         self, p: Param, levels: list[dict], tensor_name: str, t: float, where: str = ""
     ) -> Any:
         for level in levels:
-            if p.name in level and p.type is tuple:  # a list taken whole, not a gradient
-                return p.validate(level[p.name], p.name)
             if p.name in level:
-                value = evaluate(level[p.name], tensor_name, t, p.validate, p.name)
+                value = evaluate(level[p.name], tensor_name, t, p.validate, p.name,
+                                 whole=p.type is tuple)  # fmt: skip
                 if value is not None:
                     return value
         if p.required:
