@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from raymerge.config import parse_spec
+from raymerge.config import load_spec
 from raymerge.errors import ConfigError, DataError, MergeFailed
 from raymerge.runner import RunOptions, run_merge
 from raymerge.synth import SynthOptions, synthesize
@@ -113,16 +113,9 @@ def zip_config(method: str, a: str, b: str, calibration: str, **parameters) -> d
 
 def run_config(tmp_path, body: dict, out_name: str = "out", **options):
     path = write_config(tmp_path / f"{out_name}.yaml", body)
-    spec = parse_spec(_load_yaml(path), path, str(tmp_path))
+    spec = load_spec(path)
     summary = merge(spec, tmp_path / out_name, **options)
     return summary, load_model(str(tmp_path / out_name))
-
-
-def _load_yaml(path: str):
-    import yaml
-
-    with open(path) as f:
-        return yaml.safe_load(f)
 
 
 def test_permuted_copy_computes_the_same_function(model_a):
@@ -161,7 +154,7 @@ def test_bad_calibration_is_refused_before_ray(tmp_path, model_a):
     b_dir = save_model(load_model(model_a), model_a, tmp_path / "b")
     body = zip_config("permute", model_a, b_dir, missing)
     path = write_config(tmp_path / "c.yaml", body)
-    spec = parse_spec(_load_yaml(path), path, str(tmp_path))
+    spec = load_spec(path)
     with pytest.raises(ConfigError, match="nope.npy"):
         merge(spec, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -240,8 +233,7 @@ def test_any_worker_count_gives_the_same_bytes_and_a_rerun_reuses_the_stage(
     _, one = run_config(tmp_path, body, "one", workers=1)
     # many small units, and the run stopped by a merge error after the stage
     path = write_config(tmp_path / "three.yaml", body)
-    spec = parse_spec(_load_yaml(path), path, str(tmp_path),
-                      {"shard_size": 60_000, "part_size": 8_000})  # fmt: skip
+    spec = load_spec(path, {"shard_size": 60_000, "part_size": 8_000})
     monkeypatch.setenv("RAYMERGE_FAULT", f"fail:000003:{tmp_path}")
     with pytest.raises(MergeFailed):
         merge(spec, tmp_path / "three", workers=3)
@@ -276,7 +268,7 @@ def plan_of(tmp_path, body: dict):
     from raymerge.plan import make_plan
 
     path = write_config(tmp_path / "plan.yaml", body)
-    spec = parse_spec(_load_yaml(path), path, str(tmp_path))
+    spec = load_spec(path)
     return make_plan(spec, [open_checkpoint(m.path) for m in spec.inputs])
 
 
