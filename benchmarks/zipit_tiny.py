@@ -40,10 +40,9 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-RAYMERGE = os.path.join(os.path.dirname(sys.executable), "raymerge")
-if not os.path.exists(RAYMERGE):  # run from a source tree without the console script
-    RAYMERGE = f"{sys.executable} -m raymerge.cli"
+sys.path.insert(0, HERE)
+from bench_merge import RAYMERGE, ROOT  # noqa: E402
+
 ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
