@@ -7,13 +7,16 @@ Python's zlib module does not expose), so the index holds one CRC per tensor as 
 
 from __future__ import annotations
 
-import zlib
+try:  # ISA-L's CRC-32 (carry-less multiply): ~20 GB/s here against zlib's ~4, same values
+    from isal.isal_zlib import crc32
+except ImportError:  # no isal wheel for this platform
+    from zlib import crc32
 
 _POLY = 0xEDB88320
 
 
 def checksum(data) -> str:
-    return f"{zlib.crc32(data):08x}"
+    return f"{crc32(data):08x}"
 
 
 def _times(matrix: list[int], vector: int) -> int:
