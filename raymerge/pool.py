@@ -52,8 +52,10 @@ class _WorkerActor:
     def __init__(self, context: Any, threads: int) -> None:
         import torch
 
+        from raymerge import malloc
         from raymerge.worker import BatchContext, SharedRunner, UnitRunner
 
+        malloc.tune()
         torch.set_num_threads(threads)
         batch = isinstance(context, BatchContext)
         self.runner = SharedRunner(context) if batch else UnitRunner(context)

@@ -12,11 +12,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from raymerge.lazy import torch
-from raymerge.methods.base import CPU_CHUNK, MergeInputs, float_sum, rows_of
+from raymerge.methods.base import MergeInputs, float_sum, rows_of
 
 # elements per chunk of the fact sums on CPUs: 2 MiB of fp64 scratch a vector rather than a
-# block's 8 MiB, in few torch calls a block (many small ones stall on busy threads)
-FACT_CHUNK = 4 * CPU_CHUNK
+# block's 8 MiB, in few torch calls a block (many small ones stall on busy threads); it
+# groups the float sums, so it is fixed apart from CPU_CHUNK: changing it changes output bits
+FACT_CHUNK = 1 << 18
 
 
 def row_chunks(inputs: MergeInputs) -> Iterator[MergeInputs]:
