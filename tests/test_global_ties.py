@@ -16,7 +16,7 @@ from raymerge.errors import ConfigError
 from raymerge.mapping import natural_key
 from raymerge.methods import selection
 from raymerge.methods.base import MergeInputs
-from raymerge.methods.sparsify import keep_count, split
+from raymerge.methods.sparsify import keep_count, magnitude_bits, split
 from raymerge.runner import RunOptions, run_merge
 from tests.test_run import load_model
 
@@ -45,7 +45,7 @@ def test_ties_go_to_earlier_tensors_and_blocks():
 def test_keep_mask_keeps_above_and_the_first_ties():
     delta = torch.tensor([0.5, -2.0, 1.0, -1.0, 1.0, 0.0])
     inputs = MergeInputs("w", [delta], None, {}, [{}])
-    one = int(selection.magnitude_bits(torch.tensor([1.0]))[0])
+    one = int(magnitude_bits(torch.tensor([1.0]))[0])
 
     def kept(fact):
         mask = selection.keep_mask(delta, fact, inputs)

@@ -30,7 +30,7 @@ import numpy as np
 
 from raymerge.lazy import torch
 from raymerge.methods.base import FactRound, MergeInputs, add_stats
-from raymerge.methods.sparsify import keep_count, split
+from raymerge.methods.sparsify import keep_count, magnitude_bits, split
 
 DIGIT, BINS = 16, 1 << 16
 KEEP_ALL, KEEP_NONE = "all", "none"
@@ -54,11 +54,6 @@ class Pick:
 
 # picks(group, its totals: "numel" and the extra stats, inputs) -> {fact name: Pick}
 Picks = Callable[[str, dict, MergeInputs], dict[str, Pick]]
-
-
-def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
-    """|delta| as fp32 int32 bit patterns (flat); TIES compares these."""
-    return delta.float().abs().view(torch.int32).reshape(-1) & 0x7FFFFFFF
 
 
 def magnitude_keys(magnitude: torch.Tensor) -> torch.Tensor:
@@ -107,7 +102,7 @@ def rounds(group_of: GroupOf) -> tuple[FactRound, ...]:
             group = group_of(inputs, position)
             if params["density"] < 1 and wanted(group):
                 density = {"density": {repr(params["density"]): 1}}
-                yield group, magnitude_bits(tensor.float() - base), density
+                yield group, magnitude_bits(tensor.float() - base).reshape(-1), density
 
     def picks(group: str, total: dict, inputs: MergeInputs) -> dict[str, Pick]:
         return {group: Pick("top", keep_count(one_value(total, "density", group), total["numel"]))}
@@ -251,4 +246,5 @@ def keep_mask(delta: torch.Tensor, fact: Any, inputs: MergeInputs) -> torch.Tens
     if fact == KEEP_ALL:
         return None
     row_elements = delta.numel() // max(1, delta.shape[0]) if delta.dim() > 1 else 1
-    return mask(magnitude_bits(delta), fact, inputs, row_elements).reshape(delta.shape)
+    keys = magnitude_bits(delta).reshape(-1)
+    return mask(keys, fact, inputs, row_elements).reshape(delta.shape)

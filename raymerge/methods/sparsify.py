@@ -7,6 +7,9 @@ name, model position), so they are the same on any worker and any device.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
 import numpy as np
 
 from raymerge.lazy import torch
@@ -49,6 +52,93 @@ def top_k_mask(magnitude: torch.Tensor, k: int, non_negative: bool = False) -> t
         equal = (keys == threshold).nonzero().squeeze(1)
         mask[equal[equal.numel() - ties_over :]] = False
     return mask
+
+
+KEY_MAX = 0x7FFFFFFF  # the largest fp32 magnitude key (a NaN's)
+HIGH_BINS, LOW_BINS = 1 << 15, 1 << 16  # a non-negative int32 key: 15 high bits, 16 low
+
+
+def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
+    """|delta| as fp32 bit patterns (int32 >= 0, ordered as the magnitudes are; NaNs
+    highest), in delta's shape; delta itself is left as it is."""
+    wide = delta if delta.dtype == torch.float32 else delta.float()
+    return wide.view(torch.int32).bitwise_and(KEY_MAX)
+
+
+@dataclass(frozen=True)
+class TopCut:
+    """The k largest keys of a flat tensor as a rule instead of a mask (a mask costs a byte
+    per entry, a 70B embedding's a gigabyte): keys above `threshold` are kept, and keys equal
+    to it at flat positions below `ties_end` (the lowest positions, as a stable sort would
+    keep them)."""
+
+    threshold: int
+    ties_end: int
+
+    def mask(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """Which of `keys` (those of flat positions start, start + 1, ...) are kept."""
+        if self.ties_end >= start + keys.numel():
+            return keys >= self.threshold
+        mask = keys > self.threshold
+        if self.ties_end > start:
+            head = slice(0, self.ties_end - start)
+            mask[head] |= keys[head] == self.threshold
+        return mask
+
+
+KEEP_NOTHING = TopCut(KEY_MAX, 0)
+# keys(i, lo, hi): the keys of tensor i's flat positions [lo, hi) as a new tensor (the passes
+# of a chunked selection modify it)
+ChunkKeys = Callable[[int, int, int], "torch.Tensor"]
+
+
+def top_k_cuts(keys: ChunkKeys, counts: list[int], numel: int, chunk: int) -> list[TopCut]:
+    """For each tensor i (of `numel` keys >= 0, computed chunk by chunk by `keys`), the rule
+    that keeps its counts[i] largest keys, ties to the lowest positions: exactly the set
+    `top_k_mask` picks, without any full-size temporary. Three passes over the chunks: a
+    histogram of the top 15 bits of every key, one of the low 16 bits of the keys in the bin
+    where the k-th largest lies, and (only if just some of the keys equal to the threshold
+    are kept) a scan for where the kept ones end. Tensors go side by side, so a pass reads a
+    chunk of every input while it is in cache."""
+    todo = [i for i, k in enumerate(counts) if 0 < k < numel]
+    cuts = [TopCut(0, numel) if k >= numel else KEEP_NOTHING for k in counts]
+    high = {i: torch.zeros(HIGH_BINS, dtype=torch.int64) for i in todo}
+    for lo, hi in _chunks(numel, chunk):
+        for i in todo:
+            high[i] += torch.bincount(keys(i, lo, hi).bitwise_right_shift_(16), minlength=HIGH_BINS)
+    buckets = {i: split(high[i].numpy(), counts[i]) for i in todo}
+    low = {i: torch.zeros(LOW_BINS, dtype=torch.int64) for i in todo}
+    for lo, hi in _chunks(numel, chunk):
+        for i in todo:
+            # the bucket's keys land in bins 1..LOW_BINS, every other key in 0 or LOW_BINS + 1
+            inside = keys(i, lo, hi).sub_((buckets[i][0] << 16) - 1).clamp_(0, LOW_BINS + 1)
+            low[i] += torch.bincount(inside, minlength=LOW_BINS + 2)[1:-1]
+    ties = {}
+    for i in todo:
+        bucket, above = buckets[i]
+        value, greater = split(low[i].numpy(), counts[i] - above)
+        threshold, take = (bucket << 16) | value, counts[i] - above - greater
+        cuts[i] = TopCut(threshold, numel)
+        if take < int(low[i][value]):
+            ties[i] = take
+    for lo, hi in _chunks(numel, chunk):
+        if not ties:
+            break
+        for i, take in list(ties.items()):
+            equal = keys(i, lo, hi) == cuts[i].threshold
+            count = int(equal.sum())
+            if count < take:
+                ties[i] = take - count
+                continue
+            end = lo + int(equal.nonzero()[take - 1]) + 1
+            cuts[i] = TopCut(cuts[i].threshold, end)
+            del ties[i]
+    return cuts
+
+
+def _chunks(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
+    for lo in range(0, numel, chunk):
+        yield lo, min(lo + chunk, numel)
 
 
 def split(histogram: np.ndarray, k: int) -> tuple[int, int]:

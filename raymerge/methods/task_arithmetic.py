@@ -15,6 +15,7 @@ from typing import Any
 from raymerge.lazy import torch
 from raymerge.methods.base import (
     CPU_CHUNK,
+    SUM_CHUNK,
     FactRound,
     Locality,
     MergeInputs,
@@ -22,7 +23,9 @@ from raymerge.methods.base import (
     Param,
     compute_dtype,
     float_sum,
+    rows_of,
 )  # fmt: skip
+from raymerge.methods.sparsify import TopCut, magnitude_bits
 
 # apply(delta, this model's parameters, inputs, the model's position among the inputs)
 # -> the trimmed delta, or the boolean mask of the entries kept (None: all), which saves
@@ -31,17 +34,23 @@ from raymerge.methods.base import (
 # the rows held are the whole tensor (a trim may select over them directly); otherwise the
 # trim's rounds have gathered what it needs of the whole tensor into the facts.
 TrimFn = Callable[["torch.Tensor", dict[str, Any], MergeInputs, int], "torch.Tensor | None"]
+# cuts(inputs, others, compute dtype) -> per non-base input, None (keep all) or the rule
+# (sparsify.TopCut) that says what its trim keeps, found chunk by chunk: a whole tensor's
+# trim on a CPU without a full-size task vector or mask
+CutsFn = Callable[[MergeInputs, list, "torch.dtype"], list]
 L1_EPS = 1e-7
 
 
 @dataclass(frozen=True)
 class Trim:
-    """How one family member trims a task vector: what one call needs to see (`locality`)
-    and the fact rounds that select entries over a split tensor (or a model) first."""
+    """How one family member trims a task vector: what one call needs to see (`locality`),
+    the fact rounds that select entries over a split tensor (or a model) first, and
+    optionally the same selection as rules found chunk by chunk (`cuts`)."""
 
     apply: TrimFn
     locality: Locality
     rounds: Callable[[dict[str, Any]], tuple[FactRound, ...]] | None = None
+    cuts: CutsFn | None = None
 
 
 def merge(inputs: MergeInputs, trim: Trim | None, elect_sign: bool) -> torch.Tensor:
@@ -50,6 +59,15 @@ def merge(inputs: MergeInputs, trim: Trim | None, elect_sign: bool) -> torch.Ten
     others = inputs.others()
     if not others:
         return base.to(dtype)
+    if trim is not None and trim.cuts is not None and inputs.facts is None and (
+        base.device.type == "cpu"
+    ):
+        masks = trim.cuts(inputs, others, dtype)
+        factors = [None] * len(others)
+        if inputs.shared.get("rescale"):
+            factors = [_cut_factor(inputs, tensor, cut, dtype)
+                       for (_, tensor, _), cut in zip(others, masks)]  # fmt: skip
+        return _combine(inputs, others, masks, factors, elect_sign, dtype)
     # one model at a time: what its trim keeps, and its rescale factor
     masks, factors = [], []
     for position, tensor, params in others:
@@ -77,6 +95,35 @@ def _factor(inputs: MergeInputs, delta, kept, group: str) -> float | None:
         before.append(b)
         after.append(a)
     return _ratio(before, after)
+
+
+def _cut_factor(inputs: MergeInputs, tensor, cut: TopCut | None, dtype) -> float | None:
+    """`_factor` for a trim given as a rule: the same per-block sums, SUM_CHUNK elements at
+    a time from each block's start, as float_sum adds them up (so the same bits)."""
+    if cut is None:
+        return None
+    model, base = tensor.reshape(-1), inputs.base.reshape(-1)
+    width = rows_of(inputs.full_shape)[1]
+    before, after = [], []
+    for _, lo, hi in inputs.blocks():
+        total_before = total_after = 0.0
+        for start in range(lo * width, min(hi * width, model.numel()), SUM_CHUNK):
+            end = min(start + SUM_CHUNK, hi * width, model.numel())
+            delta = trim_delta(model[start:end], base[start:end].to(dtype))
+            magnitude = delta.abs()
+            total_before += float(magnitude.sum(dtype=torch.float64))
+            kept = magnitude * cut.mask(magnitude_bits(delta), start)
+            total_after += float(kept.sum(dtype=torch.float64))
+        before.append(total_before)
+        after.append(total_after)
+    return _ratio(before, after)
+
+
+def trim_delta(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """model - base as a trim sees it: the model first brought to base's (compute) dtype."""
+    if torch.promote_types(model.dtype, base.dtype) != base.dtype:
+        model = model.to(base.dtype)
+    return torch.sub(model, base)
 
 
 def _block_l1(delta, kept) -> tuple[float, float]:
@@ -139,7 +186,7 @@ def _combine(
     base = inputs.base.reshape(-1)
     weights = [params["weight"] for _, _, params in others]
     models = [tensor.reshape(-1) for _, tensor, _ in others]
-    flat_masks = [None if m is None else m.reshape(-1) for m in masks]
+    flat_masks = [m if m is None or isinstance(m, TopCut) else m.reshape(-1) for m in masks]
     normalize, lam = inputs.shared["normalize"], inputs.shared["lambda"]
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
     step = CPU_CHUNK if base.device.type == "cpu" else max(base.numel(), 1)
@@ -147,11 +194,13 @@ def _combine(
         b = base[lo : lo + step].to(dtype)
         deltas = []
         for model, mask, factor, weight in zip(models, flat_masks, factors, weights):
-            delta = torch.sub(model[lo : lo + step], b)  # a new fp32 tensor, never the input
+            piece = model[lo : lo + step]
+            delta = torch.sub(piece, b)  # a new fp32 tensor, never the input
+            keep = None if mask is None else _kept(mask, piece, delta, b, lo)
             if factor is not None:
                 delta.mul_(factor)
             delta.mul_(weight)
-            deltas.append(delta if mask is None else delta.mul_(mask[lo : lo + step]))
+            deltas.append(delta if keep is None else delta.mul_(keep))
         if elect_sign:
             mixed = _sum_agreeing(deltas, weights, normalize)
         else:
@@ -163,6 +212,15 @@ def _combine(
             mixed.mul_(lam)
         out[lo : lo + step] = mixed.add_(b)
     return out.reshape(inputs.base.shape)
+
+
+def _kept(mask, piece: torch.Tensor, delta: torch.Tensor, base: torch.Tensor, lo: int):
+    """The chunk's kept entries: a slice of a mask, or what a TopCut keeps of the trim's
+    magnitudes (from `delta`, unless the model's dtype made it wider than the trim's)."""
+    if not isinstance(mask, TopCut):
+        return mask[lo : lo + piece.numel()]
+    trimmed = delta if delta.dtype == base.dtype else trim_delta(piece, base)
+    return mask.mask(magnitude_bits(trimmed), lo)
 
 
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:

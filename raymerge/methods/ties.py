@@ -14,7 +14,7 @@ from typing import Any
 
 from raymerge.lazy import torch
 from raymerge.methods import selection, sparsify, task_arithmetic
-from raymerge.methods.base import FactRound, MergeInputs, Param
+from raymerge.methods.base import CPU_CHUNK, FactRound, MergeInputs, Param
 
 
 def _group_of(shared: dict[str, Any]) -> selection.GroupOf:
@@ -41,11 +41,30 @@ def magnitude_trim(
     return selection.keep_mask(delta, inputs.facts[group], inputs)
 
 
+def magnitude_cuts(inputs: MergeInputs, others: list, dtype: torch.dtype) -> list:
+    """magnitude_trim's selection over a whole tensor, as rules found chunk by chunk
+    (sparsify.top_k_cuts): what it keeps, without a task vector or mask of full size."""
+    base = inputs.base.reshape(-1)
+    models = [tensor.reshape(-1) for _, tensor, _ in others]
+    counts = [sparsify.keep_count(params["density"], base.numel()) for _, _, params in others]
+    chunk: dict[tuple[int, int], torch.Tensor] = {}  # the base's chunk, shared by the models
+
+    def keys(i: int, lo: int, hi: int) -> torch.Tensor:
+        if (lo, hi) not in chunk:
+            chunk.clear()
+            chunk[lo, hi] = base[lo:hi].to(dtype)
+        delta = task_arithmetic.trim_delta(models[i][lo:hi], chunk[lo, hi])
+        return sparsify.magnitude_bits(delta)
+
+    cuts = sparsify.top_k_cuts(keys, counts, base.numel(), CPU_CHUNK)
+    return [None if params["density"] >= 1 else cut for (_, _, params), cut in zip(others, cuts)]
+
+
 def magnitude_rounds(shared: dict[str, Any]) -> tuple[FactRound, ...]:
     return selection.rounds(_group_of(shared))
 
 
-MAGNITUDE = task_arithmetic.Trim(magnitude_trim, "tensor", magnitude_rounds)
+MAGNITUDE = task_arithmetic.Trim(magnitude_trim, "tensor", magnitude_rounds, magnitude_cuts)
 
 
 def spans_model(shared: dict[str, Any]) -> bool:

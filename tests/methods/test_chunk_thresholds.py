@@ -34,12 +34,18 @@ import numpy as np
 import pytest
 import torch
 
-from raymerge.methods import REGISTRY, arcee_fusion, sparsify, task_arithmetic
+from raymerge.methods import REGISTRY, arcee_fusion, sparsify, task_arithmetic, ties
 from raymerge.methods import base as method_base
 from raymerge.methods import random as rng
 from raymerge.methods.base import CPU_CHUNK, MergeInputs
 from raymerge.methods.sce import select_mask
-from raymerge.methods.sparsify import RADIX_CHUNK, della_magprune, top_k_mask
+from raymerge.methods.sparsify import (
+    RADIX_CHUNK,
+    della_magprune,
+    magnitude_bits,
+    top_k_cuts,
+    top_k_mask,
+)
 from tests import reference
 from tests.methods.test_dare import run
 from tests.methods.test_sce import f32
@@ -279,6 +285,7 @@ def unchunked(monkeypatch):
         huge = 1 << 40
         for module, name in [
             (task_arithmetic, "CPU_CHUNK"),
+            (ties, "CPU_CHUNK"),
             (rng, "CPU_CHUNK"),
             (sparsify, "RADIX_CHUNK"),
             (arcee_fusion, "BLOCK"),
@@ -409,6 +416,40 @@ def test_top_k_mask_tie_runs_straddling_chunk_boundaries():
         k, want = tie_run_keep(values, extra)
         assert torch.equal(top_k_mask(magnitude, k, non_negative=True), want), extra
         assert torch.equal(top_k_mask(magnitude.clone(), k), want), extra
+
+
+# ---------------------------------------------------------------- CPU_CHUNK: top_k_cuts
+
+
+def cut_mask(cut, keys: torch.Tensor, chunk: int) -> torch.Tensor:
+    """What a TopCut keeps of flat `keys`, asked chunk by chunk as the combine asks it."""
+    n = keys.numel()
+    return torch.cat([cut.mask(keys[lo : lo + chunk], lo) for lo in range(0, n, chunk)])
+
+
+@pytest.mark.parametrize("case", ["signed-normal", "bf16-magnitudes", "all-equal", "signed-zeros"])
+def test_top_k_cuts_across_chunks_match_a_stable_sort(case):
+    magnitude = radix_values(case).abs()
+    keys = magnitude_bits(magnitude)
+    n = magnitude.numel()
+    order = stable_order(magnitude, descending=True)
+    counts = [0, 1, CPU_CHUNK - 3, CPU_CHUNK + 5, n // 2, n - 1, n]
+    # several tensors side by side, as the merge asks for every model's cut at once
+    cuts = top_k_cuts(lambda i, lo, hi: keys[lo:hi].clone(), counts, n, CPU_CHUNK)
+    for k, cut in zip(counts, cuts):
+        assert torch.equal(cut_mask(cut, keys, CPU_CHUNK), mask_of(order[:k], (n,))), (case, k)
+        assert torch.equal(cut_mask(cut, keys, 1000), mask_of(order[:k], (n,))), (case, k)
+
+
+def test_top_k_cuts_tie_runs_straddling_chunk_boundaries():
+    values, extras = tie_runs()
+    keys = magnitude_bits(values)
+    n = values.numel()
+    plans = [tie_run_keep(values, extra) for extra in extras]
+    cuts = top_k_cuts(lambda i, lo, hi: keys[lo:hi].clone(), [k for k, _ in plans], n,
+                      CPU_CHUNK)  # fmt: skip
+    for (_, want), cut, extra in zip(plans, cuts, extras):
+        assert torch.equal(cut_mask(cut, keys, CPU_CHUNK), want), extra
 
 
 # ---------------------------------------------------------------- TIES at BIG
