@@ -13,7 +13,7 @@ each of N repetitions, side by side:
   worker's read pool; two workers uploading);
 * the same merge (`raymerge run CONFIG OUT --workers 2 --no-progress --s3-endpoint URL`)
   local -> local, local -> S3, S3 -> local and S3 -> S3, end to end and split with the times
-  raymerge prints (start-up, merging, planning and indexes);
+  raymerge prints (start-up with planning, merging, indexes);
 * reads of each output: `raymerge.open(uri)[name]` of one large tensor, `raymerge verify`;
 * a byte-for-byte comparison of every output with the local -> local one.
 
@@ -245,8 +245,8 @@ SERVER_LABELS = {
 # --------------------------------------------------------------------------------------------
 
 TIME_LINE = re.compile(
-    r"time: ([0-9.]+) s total = ([0-9.]+) s Ray and worker start-up \+ ([0-9.]+) s merging "
-    r"\+ (-?[0-9.]+) s planning and indexes"
+    r"time: ([0-9.]+) s total = ([0-9.]+) s start-up .*?\+ ([0-9.]+) s merging "
+    r"\+ (-?[0-9.]+) s indexes"
 )
 BUSY_LINE = re.compile(r"worker (\S+): ([0-9.]+) s busy")
 READ_LINE = re.compile(r"read (.+?) \((.+?)/s\), wrote (.+?) \((.+?)/s\)")

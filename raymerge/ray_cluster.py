@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,10 +34,56 @@ exit_after = False
 _ADDRESS = re.compile(r"^(?:ray://)?(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})$")
 
 
+# a local Ray's worker processes import these as they start, while the driver still plans
+# and claims its output: an actor placed on such a worker is ready at once, instead of
+# spending its first second importing torch
+PRELOAD = ["torch", "raymerge.worker"]
+
+
+class RayStart:
+    """Start a local Ray (or connect to `address`) on a thread while the caller goes on.
+
+    The thread stays parked until `release`: the processes of a local Ray are tied to the
+    thread that started them (they die with it), not only to the process."""
+
+    def __init__(self, address: str | None, num_cpus: int | None) -> None:
+        self.error: BaseException | None = None
+        self.started_here = False
+        self._ready, self._release = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(address, num_cpus),
+                                        name="raymerge-ray-start", daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def _run(self, address: str | None, num_cpus: int | None) -> None:
+        try:
+            self.started_here = _init(address, num_cpus)
+        except BaseException as exc:  # handed to the caller in wait()
+            self.error = exc
+        finally:
+            self._ready.set()
+        self._release.wait()
+
+    def wait(self) -> None:
+        """Block until Ray is up; raise what stopped it."""
+        self._ready.wait()
+        if self.error is not None:
+            raise self.error
+
+    def wait_quietly(self) -> None:
+        """Block until the start has ended, however it ended."""
+        self._ready.wait()
+
+    def release(self) -> None:
+        """Let the thread end (after ray.shutdown: a local Ray ends with the thread)."""
+        self._release.set()
+
+
 @contextmanager
-def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[None]:
+def ray_session(address: str | None, num_cpus: int | None = None,
+                wait: bool = True) -> Iterator[RayStart]:  # fmt: skip
     """Use the running Ray, connect to `address` (or RAY_ADDRESS, as `ray job submit` sets
-    it), or start a local Ray (shut down after)."""
+    it), or start a local Ray (shut down after). It starts in the background: with `wait`
+    the block runs once Ray is up, else the block calls `.wait()` when it needs Ray."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         check_address(address)
@@ -46,11 +93,28 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
         os.environ.update(LOCAL_ENV)
         for key, value in WORKER_ENV.items():  # the local Ray's workers inherit these
             os.environ.setdefault(key, value)
+    start = RayStart(address, num_cpus)
+    try:
+        if wait:
+            start.wait()
+        yield start
+    finally:
+        if not exit_after:  # the console script's process ends at once, and its Ray with it
+            start.wait_quietly()
+            if start.started_here:
+                import ray
+
+                ray.shutdown()
+            start.release()
+
+
+def _init(address: str | None, num_cpus: int | None) -> bool:
+    """ray.init as raymerge wants it; whether this call started or joined Ray."""
     import ray
 
     if ray.is_initialized():
-        yield
-        return
+        return False
+    logging.getLogger("ray._private.worker").addFilter(_not_main_thread_notice)
     kwargs = dict(
         include_dashboard=False,
         log_to_driver=False,
@@ -63,17 +127,20 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
         else:
             # "local": a new private Ray even when another runs on this machine (without it,
             # ray.init() joins the newest local cluster it finds)
-            ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kwargs)
+            ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1",
+                     _system_config={"preload_python_modules": PRELOAD}, **kwargs)  # fmt: skip
     except (ConnectionError, ValueError) as exc:
         raise ConfigError(
             f"--address {address}: cannot connect to a Ray cluster there ({exc}); check the "
             "address (ray://HOST:10001 or HOST:6379) or leave --address out to run locally"
         ) from None
-    try:
-        yield
-    finally:
-        if not exit_after:
-            ray.shutdown()
+    return True
+
+
+def _not_main_thread_notice(record: logging.LogRecord) -> bool:
+    """Ray's note that a driver started off the main thread sets no SIGTERM handler: the
+    default action (ending the process, and a local Ray with it) is what a merge wants."""
+    return not record.getMessage().startswith("SIGTERM handler is not set")
 
 
 def check_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:

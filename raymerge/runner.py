@@ -107,10 +107,9 @@ class RunSummary:
             f"{self.retries} retried, {self.worker_restarts} worker(s) replaced",
             f"read {human(self.bytes_read)} ({human(self.bytes_read / merge)}/s), "
             f"wrote {human(self.bytes_written)} ({human(self.bytes_written / merge)}/s)",
-            f"time: {self.seconds_total:.2f} s total = {self.seconds_startup:.2f} s Ray and "
-            f"worker start-up + {self.seconds_merge:.2f} s merging + "
-            f"{self.seconds_total - self.seconds_startup - self.seconds_merge:.2f} s planning "
-            "and indexes",
+            f"time: {self.seconds_total:.2f} s total = {self.seconds_startup:.2f} s start-up "
+            f"(Ray and workers, planning meanwhile) + {self.seconds_merge:.2f} s merging + "
+            f"{self.seconds_total - self.seconds_startup - self.seconds_merge:.2f} s indexes",
         ]
         if self.seconds_prepare:
             lines.append(f"  of the merging, {self.seconds_prepare:.2f} s gathering facts")
@@ -126,10 +125,12 @@ def run_merge(
     s3_settings = S3Settings.resolve(options.s3_endpoint, options.s3_retry_mode)
     s3.configure(s3_settings)
     check_writable_destination(out)
-    out, destination, checkpoints = open_output(spec, out, options)
-    plan = make_plan(spec, checkpoints, options.worker_memory_bytes())
     startup = time.perf_counter()
-    with ray_session(options.address, local_cpus(options)):  # before anything is written
+    # Ray starts in the background while the inputs' headers are read and the merge planned
+    with ray_session(options.address, local_cpus(options), wait=False) as ray_start:
+        out, destination, checkpoints = open_output(spec, out, options)
+        plan = make_plan(spec, checkpoints, options.worker_memory_bytes())
+        ray_start.wait()  # before anything is written
         check_destination_shared(out, options)
         ledger = Ledger(destination, plan, owned_files(plan))
         ledger.claim(options.force, log)
