@@ -10,6 +10,7 @@ module does not import torch: the actor class imports the worker inside its proc
 
 from __future__ import annotations
 
+import gc
 import heapq
 import os
 import time
@@ -59,6 +60,9 @@ class _WorkerActor:
         torch.set_num_threads(threads)
         batch = isinstance(context, BatchContext)
         self.runner = SharedRunner(context) if batch else UnitRunner(context)
+        # what is alive now (torch, Ray, the context) lives as long as the actor: keep the
+        # cyclic collector from walking it again every few thousand allocations of a merge
+        gc.freeze()
 
     def ready(self) -> bool:
         return True

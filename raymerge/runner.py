@@ -130,12 +130,13 @@ def run_merge(
     with ray_session(options.address, local_cpus(options), wait=False) as ray_start:
         out, destination, checkpoints = open_output(spec, out, options)
         plan = make_plan(spec, checkpoints, options.worker_memory_bytes())
+        table = plan_table(plan)
         ray_start.wait()  # before anything is written
         check_destination_shared(out, options)
         ledger = Ledger(destination, plan, owned_files(plan))
         ledger.claim(options.force, log)
         try:
-            ledger.write_run_record(spec.to_json(), plan_table(plan))
+            ledger.write_run_record(spec.to_json(), table)
             shards = ShardBook(destination, plan, ledger)
             summary = RunSummary(out, plan, units_resumed=len(ledger.done))
             pending = [u for u in plan.units if u.key not in ledger.done]

@@ -9,6 +9,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -213,7 +214,6 @@ def test_console_script_runs_a_merge_in_its_own_local_ray(models, tmp_path):
 def test_ctrl_c_stops_a_merge_and_leaves_it_resumable(models, tmp_path):
     """SIGINT during the merge: exit 130 within seconds, Ray shut down, nothing complete."""
     import signal
-    import time
 
     config = write_config(tmp_path / "c.yaml", ties_config(models))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -245,3 +245,42 @@ def test_ctrl_c_stops_a_merge_and_leaves_it_resumable(models, tmp_path):
     assert process.returncode == 130, err
     assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "COMPLETE").exists()
+
+
+@pytest.mark.slow
+def test_a_plan_error_while_ray_starts_exits_at_once_and_leaves_nothing(models, tmp_path):
+    """The console script plans while its local Ray starts in the background: a plan-time
+    error still exits 2 with one line, creates no output folder and leaves no Ray behind."""
+    config = write_config(tmp_path / "c.yaml", ties_config(models))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    script = os.path.join(os.path.dirname(sys.executable), "raymerge")
+    out = tmp_path / "out"
+    before = gcs_servers()
+    done = subprocess.run(
+        [script, "run", config, str(out), "--worker-memory", "4KiB", "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--worker-memory" in lines[0], done.stderr
+    assert not out.exists()
+    deadline = time.monotonic() + 10  # a Ray it started ends with it
+    while gcs_servers() - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not gcs_servers() - before
+
+
+def gcs_servers() -> set[int]:
+    """The pids of every Ray GCS server on this machine."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"gcs_server" in f.read().split(b"\0")[0]:
+                    found.add(int(pid))
+        except OSError:
+            pass
+    return found

@@ -224,8 +224,11 @@ def _kept(mask, piece: torch.Tensor, delta: torch.Tensor, base: torch.Tensor, lo
 
 
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
-    total = tensors[0].clone()
-    for tensor in tensors[1:]:
+    """The tensors added in order, into a new tensor."""
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    total = torch.add(tensors[0], tensors[1])
+    for tensor in tensors[2:]:
         total.add_(tensor)
     return total
 

@@ -196,7 +196,10 @@ class LocalDestination:
                     f"{self.describe(name)}: no room for this {human(size)} shard "
                     f"({exc.strerror}); free some space or write the merge elsewhere"
                 ) from None
-            raise
+            raise MergeFailed(
+                f"{self.describe(name)}: cannot create this {human(size)} shard "
+                f"({exc.strerror})"
+            ) from None
         os.close(fd)
         return path, False
 
