@@ -1,6 +1,7 @@
 """Feature matching for ZipIt (Stoica et al., ICLR 2024) and its "permute" baseline.
 
-Pure numpy/scipy so that it runs wherever the statistics land, without a GPU.
+Pure numpy/scipy: the reference. Workers match with match_torch.py (the same arithmetic in
+torch, on their device); the tests hold the two to the same bits.
 
 The features of N models are concatenated: model m's n features are indices m*n .. (m+1)*n-1
 of a vector of length F = N*n. Statistics arrive as (count, total, outer) sums over tokens.
@@ -54,7 +55,8 @@ def _row_chunks(rows: int, width: int) -> list[slice]:
 # ----------------------------------------------------------------------------- zip
 
 
-def zip_clusters(corr: np.ndarray, models: int, alpha: float, beta: float) -> np.ndarray:
+def zip_clusters(corr: np.ndarray, models: int, alpha: float, beta: float,
+                 overwrite: bool = False) -> np.ndarray:  # fmt: skip
     """ZipIt's greedy matching: merge the most correlated pair of clusters until n remain.
 
     Follows the official algorithm exactly (same float64 arithmetic and tie-breaking):
@@ -70,11 +72,15 @@ def zip_clusters(corr: np.ndarray, models: int, alpha: float, beta: float) -> np
     Only the upper triangle of `corr` is read: it is mirrored, as sums accumulated on a GPU
     need not be exactly symmetric. Instead of rescanning the whole matrix each step it keeps
     each row's maximum and first argmax, so a step costs O(F) plus the rows whose maximum was
-    lost. Memory: one float64 copy of `corr`, updated in place.
+    lost. Memory: one float64 copy of `corr`, updated in place; with `overwrite` (a C-order
+    float64 `corr` the caller gives up) none: the zip works in `corr` itself.
     """
     size = _check_zip_args(corr, models, alpha, beta)
     n = size // models
-    sim = _similarity_copy(corr)
+    if overwrite and not (corr.dtype == np.float64 and corr.flags.c_contiguous
+                          and corr.flags.writeable):  # fmt: skip
+        raise ValueError("overwrite needs a writable C-order float64 matrix")
+    sim = _similarity(corr if overwrite else np.array(corr, dtype=np.float64, copy=True))
     label = np.arange(size) // n
     budget = np.full(models, int((size - n) // models * beta), dtype=np.int64)
     state = _ZipState(sim, alpha, label)
@@ -109,9 +115,8 @@ def _check_square(corr: np.ndarray, models: int) -> int:
     return corr.shape[0]
 
 
-def _similarity_copy(corr: np.ndarray) -> np.ndarray:
-    """The working matrix: float64 copy, exactly symmetric, NaN -> -inf, diagonal -inf."""
-    sim = np.array(corr, dtype=np.float64, copy=True)
+def _similarity(sim: np.ndarray) -> np.ndarray:
+    """The working matrix, in place: exactly symmetric, NaN -> -inf, diagonal -inf."""
     _mirror_upper(sim)
     for rows in _row_chunks(sim.shape[0], sim.shape[1]):
         block = sim[rows]
@@ -324,9 +329,15 @@ def _check_heads(corr: np.ndarray, models: int, heads: int, kv_heads: int, head_
 
 
 def _head_scores(block: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
-    """[heads, heads] sums of same-dim correlations between model 0's and model m's heads."""
+    """[heads, heads] sums of same-dim correlations between model 0's and model m's heads,
+    added in dimension order (the order np.trace took here; fixed, so that the torch
+    matcher's sums are the same bits)."""
     tiles = np.asarray(block, dtype=np.float64).reshape(heads, head_dim, heads, head_dim)
-    return np.trace(tiles, axis1=1, axis2=3)
+    diagonal = np.diagonal(tiles, axis1=1, axis2=3)  # [heads, heads, head_dim]
+    total = diagonal[..., 0].copy()
+    for k in range(1, head_dim):
+        total += diagonal[..., k]
+    return total
 
 
 def _head_order(scores: np.ndarray, kv_heads: int, group: int) -> np.ndarray:
