@@ -48,26 +48,39 @@ class StagePlan:
     summary: str
     settings: dict[str, Any]
     data: Any = field(default=None, compare=False)
+    worker_bytes: int = 0  # the most one worker holds for one of the stage's items
 
 
 @dataclass(frozen=True)
 class DataStage:
     """A prepare stage over data of its own rather than over work units (ZipIt's
     calibration forward, then its matching): checked and fingerprinted at plan time
-    (`plan`, which raises ConfigError for bad input), run as steps on the pool, stored as
-    one artifact in the ledger, and handed to each tensor's merge as `MergeInputs.facts`."""
+    (`plan`, which raises ConfigError for bad input or for a stage that cannot fit
+    --worker-memory), run as steps on the pool, stored as one artifact in the ledger, and
+    handed to each tensor's merge as `MergeInputs.facts`.
+
+    Large arrays never travel through the artifact or Ray: steps write them as files under
+    the output (`state["destination"]`, through the Destination interface) and keep their
+    references; `verify` rereads the files an artifact names before a resumed run trusts
+    it (a damaged or missing one means: gather again)."""
 
     name: str
-    plan: Callable[[Any, list, list], StagePlan]  # (spec, checkpoints, planned tensors)
+    # (spec, checkpoints, planned tensors, --worker-memory or None) -> StagePlan
+    plan: Callable[[Any, list, list, int | None], StagePlan]
     steps: tuple[DataStep, ...]  # run in order, once per pass
     artifact: Callable[[dict], dict]  # the final state -> what is stored (JSON and arrays)
-    facts: Callable[[dict, Any], dict | None]  # (artifact, OutputTensor) -> its facts
+    # (artifact, OutputTensor, the output's root URI) -> its facts
+    facts: Callable[[dict, Any, str], dict | None]
     # passes(settings): how often `steps` run (ZipIt: one pass per window of layers, so a
     # pass's statistics stay small); state["pass"] tells the steps which one this is
     passes: Callable[[dict], int] | None = None
     end_pass: Callable[[dict], None] | None = None  # drop what the next pass does not need
     final: tuple[DataStep, ...] = ()  # run once, after the last pass
+    start: Callable[[dict], None] | None = None  # before gathering: clear an earlier try's files
+    # items from state["artifact"]; its folds put the names of bad files in state["damaged"]
+    verify: DataStep | None = None
 
     def step(self, number: int) -> DataStep:
-        """Step `number` of steps + final (how a worker is told which one to run)."""
-        return (self.steps + self.final)[number]
+        """Step `number` of steps + final + (verify,) (how a worker is told which one)."""
+        extra = () if self.verify is None else (self.verify,)
+        return (self.steps + self.final + extra)[number]

@@ -98,11 +98,17 @@ def _gather(pool, plan: Plan, method: MergeMethod, scope_of: dict[int, str], log
 
 
 def _data_stage(pool, plan: Plan, stage: DataStage, ledger: Ledger, log) -> dict[int, dict]:
-    """Run a stage over data of its own (or take its stored artifact), then give every
-    merged tensor its facts."""
+    """Run a stage over data of its own (or take its stored artifact, once the files it
+    names check out), then give every merged tensor its facts."""
+    destination = ledger.destination
     artifact = _decoded(ledger.artifact(stage.name))
+    if artifact is not None and not _verified(pool, stage, artifact, log):
+        artifact = None
     if artifact is None:
-        state = {"settings": plan.stage.settings, "data": plan.stage.data}
+        state = {"settings": plan.stage.settings, "data": plan.stage.data,
+                 "destination": destination}  # fmt: skip
+        if stage.start is not None:
+            stage.start(state)
         passes = 1 if stage.passes is None else stage.passes(state["settings"])
         for state["pass"] in range(passes):
             shown = f", pass {state['pass'] + 1} of {passes}" if passes > 1 else ""
@@ -118,10 +124,28 @@ def _data_stage(pool, plan: Plan, stage: DataStage, ledger: Ledger, log) -> dict
         log(f"prepare: reusing the stored {stage.name} artifact")
     facts = {}
     for index, tensor in enumerate(plan.tensors):
-        mine = stage.facts(artifact, tensor) if tensor.op == "merge" else None
+        mine = stage.facts(artifact, tensor, destination.root) if tensor.op == "merge" else None
         if mine is not None:
             facts[index] = mine
     return facts
+
+
+def _verified(pool, stage: DataStage, artifact: Any, log) -> bool:
+    """Whether every file a stored artifact names is there with its recorded bytes
+    (reread on the workers: the driver never reads them)."""
+    if stage.verify is None:
+        return True
+    state: dict[str, Any] = {"artifact": artifact, "damaged": []}
+    number = len(stage.steps) + len(stage.final)
+    try:
+        _run_step(pool, number, stage.verify, state, log)
+    except (KeyError, TypeError, ValueError):  # an artifact of another shape: not ours
+        return False
+    if state["damaged"]:
+        log(f"prepare: {len(state['damaged'])} stored {stage.name} file(s) are missing or "
+            f"damaged ({state['damaged'][0]}, ...): gathering the statistics again")  # fmt: skip
+        return False
+    return True
 
 
 def _decoded(stored: Any) -> Any:

@@ -405,7 +405,7 @@ def test_passes_over_windows_of_layers_give_the_same_bytes(ray_local, tmp_path, 
                       combine="regmean")  # fmt: skip
     assert plan_of(tmp_path, body).stage.settings["window"] == LAYERS
     _, whole = run_config(tmp_path, body, "whole", workers=2)
-    monkeypatch.setattr(stage, "RESULT_BYTES", 1)
+    monkeypatch.setattr(stage, "PASS_BYTES", 1)
     assert "in passes of 1 layer" in plan_of(tmp_path, body).stage.summary
     _, windows = run_config(tmp_path, body, "windows", workers=2)
     for name in whole:
@@ -436,3 +436,163 @@ def test_zipit_in_a_batch_equals_its_run_alone(ray_local, tmp_path, model_a, cal
     batched = load_model(str(tmp_path / "out" / "z"))
     for name in alone:
         assert torch.equal(alone[name], batched[name]), name
+
+
+# ----------------------------------------------------------------------------- bounded stage
+
+
+def noisy_permuted_copy(tmp_path, model_a, seed: int) -> str:
+    a = load_model(model_a)
+    rng = torch.Generator().manual_seed(seed)
+    b = permuted({k: v + 0.1 * torch.randn(v.shape, generator=rng) for k, v in a.items()}, seed)
+    return save_model(b, model_a, tmp_path / "b")
+
+
+def same_tensors(one: dict, other: dict) -> None:
+    assert one.keys() == other.keys()
+    for name in one:
+        assert torch.equal(one[name], other[name]), name
+
+
+@pytest.mark.parametrize(("tile", "band", "workers"), [(16, 1, 2), (40, 3, 3), (24, 2, 1)])
+def test_any_tile_band_and_worker_count_give_the_same_bytes(ray_local, tmp_path, model_a,
+                                                            calibration, monkeypatch, tile,
+                                                            band, workers):  # fmt: skip
+    """Σxxᵀ cut into tiles of any size, grouped into bands of any number of row tiles per
+    item, on any number of workers: the bytes of the stage's defaults (one tile per group
+    at these widths, one worker), for every group (zip, heads, residual, RegMean)."""
+    from raymerge.zipit import stage
+
+    b_dir = noisy_permuted_copy(tmp_path, model_a, 12)
+    body = zip_config("zipit", model_a, b_dir, calibration, residual="permute", beta=0.5,
+                      combine="regmean")  # fmt: skip
+    _, whole = run_config(tmp_path, body, "whole", workers=1)
+    monkeypatch.setattr(stage, "TILE", tile)
+    monkeypatch.setattr(stage, "BAND_TILES", band)
+    settings = plan_of(tmp_path, body).stage.settings
+    assert settings["tile"] == tile and set(settings["band_tiles"].values()) == {band}
+    _, cut = run_config(tmp_path, body, "cut", workers=workers)
+    same_tensors(whole, cut)
+
+
+def test_worker_memory_sizes_the_bands_at_llama_3_8b_width():
+    """A band of Σxxᵀ row tiles holds as many as --worker-memory allows (at most
+    BAND_TILES): at 8B width one 2048-row band of the zip's upper triangle is ~0.6 GiB."""
+    from raymerge.layouts import config as layout_config
+    from raymerge.zipit import budget, stage
+
+    shape = LlamaShape.from_config(layout_config("llama-3-8b"))
+    settings = {"models": 2, "tile": 2048, "needs": {"mlp": ["all"], "heads": ["cross"]}}
+    widest = {memory: budget.widest_band(shape, settings, "mlp", 2048, memory, stage.BAND_TILES)
+              for memory in (1 << 29, 1 << 30, 3 << 30, None)}  # fmt: skip
+    assert widest == {1 << 29: 1, 1 << 30: 1, 3 << 30: 4, None: 4}
+    assert budget.gram_bytes(shape, settings, "mlp", 1, 2048) < 1 << 30
+    assert budget.gram_bytes(shape, settings, "heads", 4, 2048) < 1 << 30
+
+
+def test_the_plan_states_the_stage_memory_at_llama_3_8b_width(tmp_path, calibration):
+    """`raymerge plan --layout llama-3-8b`: the stage's largest item is the zip's 28672²
+    fp64 correlation matrix (6.1 GiB), stated with the bound; under it, refused."""
+    from click.testing import CliRunner
+
+    from raymerge.cli import main
+
+    body = zip_config("zipit", "a", "b", calibration, residual="permute") | {"dtype": "bfloat16"}
+    path = write_config(tmp_path / "c.yaml", body)
+    args = ["plan", path, "--layout", "llama-3-8b", "--worker-memory"]
+    result = CliRunner().invoke(main, [*args, "48GiB"])
+    assert result.exit_code == 0, result.output
+    assert ("prepare memory per worker: at most 6.28 GiB of data (the greedy zip of the mlp "
+            "features (28672² fp64 correlations))") in result.output  # fmt: skip
+
+
+MANY_UNITS = {"shard_size": 60_000, "part_size": 8_000}  # a fault can stop a run mid-merge
+
+
+def gram_files(out) -> list:
+    return sorted((out / "_raymerge" / "zipit").rglob("*.npy"))
+
+
+@pytest.mark.parametrize("damage", ["flipped", "missing", "truncated"])
+def test_a_damaged_or_missing_gram_file_is_gathered_again(
+    ray_local, tmp_path, model_a, calibration, monkeypatch, damage
+):
+    """RegMean's Gram matrices are files beside the ledger, named with their size and CRC
+    in the artifact; a resumed run rereads them first, and one that is damaged or missing
+    sends the stage back to the statistics: the bytes of a clean run, never a crash."""
+    b_dir = noisy_permuted_copy(tmp_path, model_a, 13)
+    body = zip_config("regmean", model_a, b_dir, calibration)
+    _, clean = run_config(tmp_path, body, "clean")
+    spec = load_spec(write_config(tmp_path / "again.yaml", body), MANY_UNITS)
+    out = tmp_path / "again"
+    monkeypatch.setenv("RAYMERGE_FAULT", f"fail:000003:{tmp_path}")
+    with pytest.raises(MergeFailed):
+        merge(spec, out)
+    monkeypatch.delenv("RAYMERGE_FAULT")
+    stored = json.loads((out / "_raymerge" / "zipit.json").read_text())
+    assert "grams" in stored["value"] and "__array__" not in json.dumps(stored["value"]["grams"])
+    files = gram_files(out)
+    assert files and all(f.parent.parent.name == "grams" for f in files)
+    victim = files[len(files) // 2]
+    raw = victim.read_bytes()
+    if damage == "flipped":
+        victim.write_bytes(raw[:-3] + bytes([raw[-3] ^ 0x10]) + raw[-2:])
+    elif damage == "truncated":
+        victim.write_bytes(raw[:-16])
+    else:
+        victim.unlink()
+    lines: list[str] = []
+    run_merge(spec, str(out), RunOptions(progress=False), log=lines.append)
+    assert any("missing or damaged" in line for line in lines), lines
+    assert not any("reusing the stored zipit artifact" in line for line in lines), lines
+    same_tensors(clean, load_model(str(out)))
+    assert victim.read_bytes() == raw
+
+
+def test_a_rerun_reuses_intact_gram_files_and_force_removes_them(
+    ray_local, tmp_path, model_a, calibration, monkeypatch
+):
+    b_dir = noisy_permuted_copy(tmp_path, model_a, 14)
+    body = zip_config("permute", model_a, b_dir, calibration, combine="regmean")
+    spec = load_spec(write_config(tmp_path / "c.yaml", body), MANY_UNITS)
+    out = tmp_path / "out"
+    monkeypatch.setenv("RAYMERGE_FAULT", f"fail:000003:{tmp_path}")
+    with pytest.raises(MergeFailed):
+        merge(spec, out)
+    monkeypatch.delenv("RAYMERGE_FAULT")
+    lines: list[str] = []
+    run_merge(spec, str(out), RunOptions(progress=False), log=lines.append)
+    assert any("reusing the stored zipit artifact" in line for line in lines), lines
+    first = load_model(str(out))
+    stale = out / "_raymerge" / "zipit" / "grams" / "L09999" / "stale.npy"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by an earlier run")
+    lines.clear()
+    run_merge(spec, str(out), RunOptions(progress=False, force=True), log=lines.append)
+    assert not any("reusing" in line for line in lines), lines
+    assert not stale.exists() and gram_files(out)
+    same_tensors(first, load_model(str(out)))
+
+
+def test_regmean_to_s3_equals_local(ray_local, tmp_path, model_a, calibration, s3_bucket):
+    """RegMean with an S3 output: the Gram matrices go to the bucket beside the ledger (no
+    pickle, no JSON), workers read them back per tensor, and the shards equal a local run's."""
+    b_dir = noisy_permuted_copy(tmp_path, model_a, 15)
+    body = zip_config("zipit", model_a, b_dir, calibration, residual="permute",
+                      combine="regmean")  # fmt: skip
+    _, local = run_config(tmp_path, body, "local", workers=2)
+    spec = load_spec(write_config(tmp_path / "s3.yaml", body))
+    options = RunOptions(progress=False, workers=2, s3_endpoint=s3_bucket.endpoint)
+    run_merge(spec, s3_bucket.uri("zipped"), options, log=lambda _: None)
+    listed = s3_bucket.client.list_objects_v2(Bucket=s3_bucket.bucket, Prefix="zipped/")
+    keys = [o["Key"] for o in listed.get("Contents", [])]
+    grams = [k for k in keys if k.startswith("zipped/_raymerge/zipit/grams/")]
+    assert grams and all(k.endswith(".npy") for k in grams)
+    assert not [k for k in keys if "/features/" in k or "/sums/" in k or "/hidden/" in k]
+    for name in local_shards(tmp_path / "local"):
+        remote = s3_bucket.client.get_object(Bucket=s3_bucket.bucket, Key=f"zipped/{name}")
+        assert remote["Body"].read() == (tmp_path / "local" / name).read_bytes(), name
+
+
+def local_shards(folder) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))

@@ -6,7 +6,8 @@ output projection, the norms' entries), attention by whole heads (q/o by query h
 KV group), MLP neurons by cluster. Then the aligned tensors are combined: averaged (ZipIt's
 M averages a cluster's members, its U sums them; the residual stream is averaged over the
 models), or, with RegMean, solved in closed form per linear layer from the models' input
-Gram matrices. Sums run in a fixed order, so the bytes are the same on any worker.
+Gram matrices, read from the files the stage stored beside the ledger (one model's at a
+time). Sums run in a fixed order, so the bytes are the same on any worker.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from raymerge.errors import MergeFailed
 from raymerge.lazy import torch
 from raymerge.methods.base import MergeInputs, compute_dtype
 
@@ -160,24 +162,62 @@ def _merge_zipped_rows(weights: list[torch.Tensor], facts: dict) -> torch.Tensor
     return _total(sums) / _total(counts).clamp(min=1)[:, None]
 
 
-def _aligned_grams(facts: dict) -> list[torch.Tensor]:
-    """Each model's input Gram matrix in the merged input basis, off-diagonal entries
-    scaled by RegMean's alpha."""
-    grams = [torch.as_tensor(np.asarray(g), dtype=torch.float64) for g in facts["grams"]]
-    role, out = facts["role"], []
-    for model, gram in enumerate(grams):
-        if role in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-            order = _residual_order(facts, model)
-        elif role == "o_proj":
-            order = _head_features(facts, model)
-        else:  # down_proj: features averaged per cluster
-            order = None
-            if facts["clusters"] is not None:
-                gram = _cluster_mean_gram(gram, facts, model)
-        if order is not None:
-            gram = gram[order][:, order]
-        alpha = facts["regmean_alpha"]
-        out.append(alpha * gram + (1 - alpha) * torch.diag(torch.diagonal(gram)))
+def _aligned_gram(facts: dict, model: int) -> torch.Tensor:
+    """Model `model`'s input Gram matrix in the merged input basis, off-diagonal entries
+    scaled by RegMean's alpha (read from its stored tiles when it is needed, one model's
+    at a time: at Llama-3-8B width down_proj's is 1.6 GB)."""
+    gram = torch.from_numpy(load_gram(facts["grams"], model))
+    role = facts["role"]
+    if role in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        order = _residual_order(facts, model)
+    elif role == "o_proj":
+        order = _head_features(facts, model)
+    else:  # down_proj: features averaged per cluster
+        order = None
+        if facts["clusters"] is not None:
+            gram = _cluster_mean_gram(gram, facts, model)
+    if order is not None:
+        gram = gram[order[:, None], order[None, :]]
+    return _scaled(gram, facts["regmean_alpha"])
+
+
+def _scaled(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * gram + (1 - alpha) * diag(gram), in place: off the diagonal alpha * g + 0.0,
+    on it alpha * g + (1 - alpha) * g, the very operations of the two-matrix form."""
+    diagonal = torch.diagonal(gram)
+    kept = alpha * diagonal + (1 - alpha) * diagonal
+    gram.mul_(alpha).add_(0.0)
+    torch.diagonal(gram).copy_(kept)
+    return gram
+
+
+def load_gram(spec: dict, model: int) -> np.ndarray:
+    """Σxxᵀ / tokens over one model's features, [n, n] fp64, from the stored tiles above
+    the diagonal (mirrored below it); a damaged or missing tile fails the merge clearly."""
+    from raymerge.zipit import store
+    from raymerge.zipit.tiles import Grid
+
+    n = spec["width"]
+    layout = Grid(spec["models"], n, spec["tile"])
+    spans, owner, offset = layout.spans, layout.owner, model * n
+    out = np.empty((n, n))
+    reader = store.reader(spec["store"])
+    for key, ref in spec["tiles"].items():
+        i, j = (int(k) for k in key.split("-"))
+        if owner[i] != model:
+            continue
+        try:
+            block = store.read(reader, ref)
+        except store.Damaged as exc:
+            raise MergeFailed(
+                f"a stored RegMean Gram matrix is missing or damaged ({exc}); rerun the same "
+                "command: the stage checks its files and gathers them again"
+            ) from None
+        (a, b), (c, d) = spans[i], spans[j]
+        out[a - offset : b - offset, c - offset : d - offset] = block
+        if i != j:
+            out[c - offset : d - offset, a - offset : b - offset] = block.T
+    np.divide(out, spec["count"], out=out)
     return out
 
 
@@ -201,20 +241,38 @@ def _cluster_mean_gram(gram: torch.Tensor, facts: dict, model: int) -> torch.Ten
 def _regmean(aligned: list[torch.Tensor], facts: dict,
              present: list[torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
     """W* = (Σ W_m G_m)(Σ G_m)⁻¹ over the models present in each row (`present`: per model,
-    its rows; None: every model in every row), in fp64."""
-    grams = _aligned_grams(facts)
+    its rows; None: every model in every row), in fp64. The Gram matrices are read one at a
+    time and summed as they come (in model order, from 0 as Python's sum does)."""
     weights = [w.double() for w in aligned]
     out = torch.empty_like(weights[0])
     if present is None:
         present = [torch.ones(len(weights[0]), dtype=torch.bool)] * len(weights)
     masks = torch.stack(present)
-    for pattern in torch.unique(masks, dim=1).T:
+    patterns = torch.unique(masks, dim=1).T
+    cache: dict[int, torch.Tensor] | None = {} if len(patterns) > 1 else None
+    for pattern in patterns:
         rows = (masks == pattern[:, None]).all(0)
-        models = [m for m in range(len(weights)) if pattern[m]]
-        gram = sum(grams[m] for m in models)
-        target = sum(weights[m][rows] @ grams[m] for m in models)
+        gram = target = None
+        for m in (m for m in range(len(weights)) if pattern[m]):
+            mine = _cached_gram(facts, m, cache)
+            part = weights[m][rows] @ mine
+            target = part + 0 if target is None else target.add_(part)
+            if gram is None:
+                gram = mine + 0 if cache is not None else mine.add_(0)
+            else:
+                gram += mine
+            del part, mine
         out[rows] = _solve(gram, target)
+        del gram, target
     return out
+
+
+def _cached_gram(facts: dict, model: int, cache: dict | None) -> torch.Tensor:
+    if cache is None:
+        return _aligned_gram(facts, model)
+    if model not in cache:
+        cache[model] = _aligned_gram(facts, model)
+    return cache[model]
 
 
 def _solve(gram: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
