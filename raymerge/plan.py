@@ -445,7 +445,7 @@ def make_plan(
     parts = _cut_parts(shards, placed, spec.part_size)
     units = _cut_units(spec, shards, placed, parts, worker_memory)
     stage = REGISTRY[spec.method.name].stage  # its own inputs are checked last: they cost most
-    stage_plan = None if stage is None else stage.plan(spec, checkpoints, tensors)
+    stage_plan = None if stage is None else stage.plan(spec, checkpoints, tensors, worker_memory)
     plan = Plan(
         method=spec.method.name,
         seed=spec.seed,
