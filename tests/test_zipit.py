@@ -506,6 +506,31 @@ def test_the_plan_states_the_stage_memory_at_llama_3_8b_width(tmp_path, calibrat
             "features (28672² fp64 correlations))") in result.output  # fmt: skip
 
 
+def test_a_stage_that_does_not_fit_worker_memory_is_refused_at_plan_time(tmp_path, model_a,
+                                                                         model_b, calibration):
+    """Planned with less --worker-memory than its largest item needs, the stage is refused
+    before Ray starts: one line naming what needs how much and the flag (exit 2)."""
+    from click.testing import CliRunner
+
+    from raymerge.cli import main
+
+    body = zip_config("zipit", model_a, model_b, calibration, sequence_length=512,
+                      calibration_tokens=4096)  # fmt: skip
+    need = plan_of(tmp_path, body).stage.worker_bytes
+    path = write_config(tmp_path / "c.yaml", body)
+    result = CliRunner().invoke(main, ["plan", path, "--worker-memory", str(need - 1)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "per worker, more than --worker-memory" in lines[0], lines
+    assert "raise --worker-memory to at least" in lines[0]
+    result = CliRunner().invoke(main, ["plan", path, "--worker-memory", str(need)])
+    assert result.exit_code == 0, result.output
+    assert "prepare memory per worker: at most" in result.output
+    result = CliRunner().invoke(main, ["run", path, str(tmp_path / "out"), "--no-progress",
+                                       "--worker-memory", str(need - 1)])  # fmt: skip
+    assert result.exit_code == 2 and not (tmp_path / "out").exists(), result.output
+
+
 MANY_UNITS = {"shard_size": 60_000, "part_size": 8_000}  # a fault can stop a run mid-merge
 
 
