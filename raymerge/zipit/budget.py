@@ -49,14 +49,14 @@ def gram_bytes(shape: LlamaShape, settings: dict, group: str, rows: int, tokens:
 
 def match_bytes(shape: LlamaShape, settings: dict, group: str) -> int:
     """Matching one layer's group: the zip holds the whole [F, F] fp64 correlation matrix;
-    an assignment (permute, heads, the residual stream) one model pair's cross block and
-    the solver's copies of it."""
+    an assignment (permute, heads, the residual stream) the cross block of model 0 with
+    each other model, and the solver's copies of one."""
     n, models = width(shape, group), settings["models"]
     tile = min(settings["tile"], n) ** 2 * 8 * 2
     if group == "mlp" and settings["matcher"] == "zip":
         size = models * n
         return size * size * 8 + 3 * min(_CHUNK, size * size * 8) + tile
-    return 4 * n * n * 8 + tile
+    return (models - 1 + 3) * n * n * 8 + tile  # every cross block, the solver's copies
 
 
 def residual_bytes(shape: LlamaShape, settings: dict) -> int:

@@ -144,8 +144,18 @@ def match_items(state: dict) -> list[StageItem]:
     settings = state["settings"]
     shape = shape_of(settings)
     return [StageItem(f"match-{group}-{layer:05d}", match_bytes(shape, settings, group),
-                      (group, layer))
+                      (group, layer), _match_work(settings, group))
             for layer in window(state) for group in settings["matched"]]  # fmt: skip
+
+
+def _match_work(settings: dict, group: str) -> float:
+    """A generous count of the operations matching a group costs (its item's deadline
+    grows with it): the zip touches O(F) entries per merge and rescans rows it loses, an
+    assignment of n features is rarely near its O(n³) bound."""
+    n, models = width(shape_of(settings), group), settings["models"]
+    if group == "mlp" and settings["matcher"] == "zip":
+        return 500.0 * (models * n) ** 2
+    return 500.0 * (models - 1) * n * n
 
 
 def match_payload(item: StageItem, state: dict) -> dict:

@@ -31,14 +31,18 @@ def path(*parts: str) -> str:
     return "/".join((FOLDER, *parts))
 
 
-def encode(array: np.ndarray) -> bytes:
-    """The .npy bytes of `array` (C order, no pickle)."""
-    array = np.ascontiguousarray(array)
+def encode(array: np.ndarray) -> bytearray:
+    """The .npy bytes of `array` (C order, no pickle), in one buffer filled once."""
+    array = np.require(array, requirements="C")
     if array.dtype.str not in DTYPES:
         raise ValueError(f"store keeps {DTYPES} arrays, not {array.dtype}")
-    buffer = io.BytesIO()
-    np.lib.format.write_array(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    head = header.getvalue()
+    body = bytearray(len(head) + array.nbytes)
+    body[: len(head)] = head
+    np.frombuffer(body, dtype=np.uint8, offset=len(head))[:] = array.reshape(-1).view(np.uint8)
+    return body
 
 
 def write(destination: Any, name: str, array: np.ndarray) -> dict:
