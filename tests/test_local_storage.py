@@ -1,16 +1,17 @@
-"""The local destination's shard files: reserved at their size, with a clear error when the
-disk is full, and a sparse file where the filesystem cannot reserve."""
+"""Local storage: shard files reserved at their size (a clear error when the disk is full, a
+sparse file where the filesystem cannot reserve), and input ranges mapped instead of read."""
 
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 
 import pytest
 
 from raymerge import malloc
-from raymerge.errors import MergeFailed
-from raymerge.storage.local import LocalDestination
+from raymerge.errors import CheckpointError, MergeFailed
+from raymerge.storage.local import LocalDestination, LocalSource
 
 
 def fail_with(code: int):
@@ -53,3 +54,27 @@ def test_other_errors_say_what_failed(tmp_path, monkeypatch):
 
 def test_malloc_settings_apply_on_glibc():
     assert malloc.tune() == (os.uname().sysname == "Linux")
+
+
+def test_a_mapped_range_is_the_files_bytes_and_writes_stay_private(tmp_path):
+    data = os.urandom(3 * mmap_granularity() + 123)
+    (tmp_path / "w.bin").write_bytes(data)
+    source = LocalSource(str(tmp_path))
+    for start, length in ((0, 10), (5, mmap_granularity()), (mmap_granularity() + 7, 2000)):
+        view = source.map_range("w.bin", start, length)
+        assert bytes(view) == data[start : start + length]
+        buffer = bytearray(length)
+        source.readinto("w.bin", start, memoryview(buffer))
+        assert bytes(buffer) == bytes(view)
+        view[0] = view[0] ^ 0xFF  # copy-on-write: the file never changes
+    assert (tmp_path / "w.bin").read_bytes() == data
+
+
+def test_a_mapped_range_past_the_end_is_a_truncated_file(tmp_path):
+    (tmp_path / "w.bin").write_bytes(b"x" * 100)
+    with pytest.raises(CheckpointError, match="file ends at byte 100, but 150 were expected"):
+        LocalSource(str(tmp_path)).map_range("w.bin", 50, 100)
+
+
+def mmap_granularity() -> int:
+    return mmap.ALLOCATIONGRANULARITY
