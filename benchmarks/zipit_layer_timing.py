@@ -119,7 +119,7 @@ def main() -> None:
     results["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     print(f"peak RSS: {results['peak_rss_gib']} GiB")
     with open(args.json, "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump(results, f, indent=2, ensure_ascii=False)
         f.write("\n")
 
 
