@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from raymerge.checksum import checksum
-from raymerge.errors import RaymergeError
+from raymerge.errors import ConfigError, RaymergeError
 
 FOLDER = "_raymerge/zipit"  # everything here belongs to the run: --force removes it
 DTYPES = ("<f4", "<f8", "<i8")
@@ -58,6 +58,8 @@ def read(reader: Any, ref: dict) -> np.ndarray:
     buffer = bytearray(nbytes)
     try:
         reader.readinto(name, 0, memoryview(buffer))
+    except ConfigError:  # credentials, access, no bucket: say so, it is not damage
+        raise
     except (OSError, RaymergeError) as exc:  # missing, short, unreadable
         raise Damaged(f"{reader.describe(name)}: {exc}") from None
     if checksum(buffer) != ref["crc"]:
@@ -88,6 +90,3 @@ def reader(root: str) -> Any:
 
     return open_source(root)
 
-
-def is_ref(value: Any) -> bool:
-    return isinstance(value, dict) and set(value) == {"name", "nbytes", "crc"}

@@ -91,6 +91,3 @@ def band_bytes(grid: Grid, band: list[tuple[int, int]], tokens: int) -> int:
     widest = max(width) if width else 0
     return sums + tokens * (rows + widest) * 12 + 2 * widest * widest * 8
 
-
-def tile_name(layer: int, group: int | str, i: int, j: int) -> str:
-    return f"L{layer:05d}-{group}-{i:04d}-{j:04d}.npy"
