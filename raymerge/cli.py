@@ -273,6 +273,8 @@ def plan(
     the_plan = make_plan(spec, checkpoints, memory)
     method = REGISTRY[the_plan.method]
     largest = max(the_plan.units, key=lambda u: (u.io_bytes + u.scratch, u.nbytes))
+    merged = [t for t in the_plan.tensors if t.op != "copy"]
+    whole_only = [t for t in merged if method.split_problem(len(t.shape), t.name)]
     report = {
         "method": the_plan.method,
         "inputs": [
@@ -295,7 +297,8 @@ def plan(
         },
         "worker_memory": memory,
         "locality": method.locality,
-        "splits_tensors": method.split_problem(2) is None,
+        "merged_tensors": len(merged),
+        "whole_only": len(whole_only),  # merged tensors the method cannot cut into rows
         "bytes_to_read": the_plan.bytes_to_read,
         "bytes_to_write": the_plan.bytes_to_write,
         "peak_worker_bytes": the_plan.peak_worker_bytes(),
@@ -319,6 +322,16 @@ def _virtual_spec(config: str, overrides: dict[str, Any], layout: str, scale: in
     return parse_spec(data, config, os.path.dirname(os.path.abspath(config)), overrides)
 
 
+def _whole_only(report: dict[str, Any]) -> str:
+    """What the plan says of tensors the method cannot split."""
+    count, merged = report["whole_only"], report["merged_tensors"]
+    if not count:
+        return ""
+    if count == merged:
+        return " (cannot split a tensor: each must fit whole)"
+    return f" ({count} of {merged} merged tensors cannot be split: each must fit whole)"
+
+
 def format_plan(report: dict[str, Any]) -> str:
     lines = [f"method: {report['method']}", "inputs:"]
     for item in report["inputs"]:
@@ -333,8 +346,7 @@ def format_plan(report: dict[str, Any]) -> str:
         f"write parts: {report['parts']}",
         f"work units: {report['units']} (largest: {human(largest['bytes'])} of output, "
         f"{human(largest['memory'])} while merging)",
-        f"method locality: {report['locality']}"
-        + ("" if report["splits_tensors"] else " (cannot split a tensor: each must fit whole)"),
+        f"method locality: {report['locality']}" + _whole_only(report),
         f"tensors split into row ranges: {len(split)}"
         + (f" ({', '.join(split[:4])}{', ...' if len(split) > 4 else ''})" if split else ""),
         f"bytes to read: {human(report['bytes_to_read'])}",

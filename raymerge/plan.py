@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -442,7 +443,7 @@ def make_plan(
     tensors = [_plan_tensor(spec, checkpoints, job, scratch_floor, vocabulary) for job in jobs]
     _check_across_tensors(spec, tensors)
     shards, placed = _layout(_group_into_shards(tensors, spec.shard_size))
-    parts = _cut_parts(shards, placed, spec.part_size)
+    parts = _cut_parts(shards, placed, spec.part_size, lambda t: _split_problem(spec, t))
     units = _cut_units(spec, shards, placed, parts, worker_memory)
     stage = REGISTRY[spec.method.name].stage  # its own inputs are checked last: they cost most
     stage_plan = None if stage is None else stage.plan(spec, checkpoints, tensors, worker_memory)
@@ -574,11 +575,13 @@ def _row_cuts(tensor: OutputTensor, step_bytes: int) -> list[int]:
     return list(range(step, tensor.rows, step))
 
 
-def _cut_parts(shards: list[Shard], tensors: list[OutputTensor], part_size: int) -> list[Part]:
+def _cut_parts(shards: list[Shard], tensors: list[OutputTensor], part_size: int,
+               split_problem: Callable[[OutputTensor], str | None]) -> list[Part]:  # fmt: skip
     """Whole tensors per part (a tensor over WHOLE_TENSOR_LIMIT, or over WHOLE_TENSOR_PARTS
-    parts, is cut at block boundaries), each part at least `part_size` bytes except a
-    shard's last; part 1 starts at byte 0. A part holds at most part_size +
-    WHOLE_TENSOR_LIMIT bytes, within S3's 5 GiB."""
+    parts, is cut at block boundaries if the method can split it), each part at least
+    `part_size` bytes except a shard's last; part 1 starts at byte 0. A part holds at most
+    part_size + WHOLE_TENSOR_LIMIT bytes (or one unsplittable tensor more), within S3's
+    5 GiB."""
     if part_size + WHOLE_TENSOR_LIMIT > MAX_PART_BYTES:
         raise ConfigError(
             f"part_size {human(part_size)} is too large: a write part may then exceed S3's "
@@ -590,7 +593,16 @@ def _cut_parts(shards: list[Shard], tensors: list[OutputTensor], part_size: int)
         for tensor in (t for t in tensors if t.shard == index):
             ends = [tensor.end]
             if tensor.nbytes > min(WHOLE_TENSOR_LIMIT, WHOLE_TENSOR_PARTS * part_size):
-                ends = [tensor.row_offset(r) for r in _row_cuts(tensor, part_size)] + ends
+                problem = split_problem(tensor)
+                if problem is None:
+                    ends = [tensor.row_offset(r) for r in _row_cuts(tensor, part_size)] + ends
+                elif tensor.end - start > MAX_PART_BYTES:
+                    raise ConfigError(
+                        f"tensor {tensor.name!r} {list(tensor.shape)} ({human(tensor.nbytes)}) "
+                        f"must be written whole ({problem}), but a write part may hold at "
+                        f"most {human(MAX_PART_BYTES)} (S3's limit); merge it with a method "
+                        "that splits tensors"
+                    )
             for end in ends:
                 if end - start >= part_size:
                     parts.append(Part(index, number, start, end))
@@ -661,11 +673,15 @@ def _pieces(
     return [Piece(index, lo, hi, False) for lo, hi in zip(cuts, cuts[1:])]
 
 
-def _check_splittable(spec: MergeSpec, tensor: OutputTensor, need: int, memory: int | None):
+def _split_problem(spec: MergeSpec, tensor: OutputTensor) -> str | None:
+    """Why the method cannot cut `tensor` into row ranges (None: it can, or copies it)."""
     if tensor.op == "copy":
-        return
-    method = REGISTRY[spec.method.name]
-    problem = method.split_problem(len(tensor.shape))
+        return None
+    return REGISTRY[spec.method.name].split_problem(len(tensor.shape), tensor.name)
+
+
+def _check_splittable(spec: MergeSpec, tensor: OutputTensor, need: int, memory: int | None):
+    problem = _split_problem(spec, tensor)
     if problem is not None:
         raise ConfigError(_too_big(tensor, need, memory, problem))
 

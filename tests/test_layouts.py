@@ -10,7 +10,9 @@ import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from raymerge import layouts
@@ -307,6 +309,30 @@ def test_plan_a_405b_at_a_scale_and_refusals():
     assert invoke("plan", "--layout", "gpt-5", config).exit_code == 2
     small = invoke("plan", "--layout", "llama-3-70b", "--worker-memory", "16MiB", config)
     assert small.exit_code == 2 and "raise --worker-memory" in small.output
+
+
+def test_plan_a_70b_zipit_merge_splits_only_the_vocabulary_tensors(tmp_path):
+    """ZipIt cannot cut a layer's tensors (their rows move), but the embeddings and lm_head
+    (only their columns move) split by rows; a tensor that may not be cut stays whole in one
+    write part instead of being refused for spanning several."""
+    calibration = tmp_path / "calibration.npy"
+    np.save(calibration, np.arange(4096) % 256)
+    body = yaml.safe_load(open(os.path.join(ROOT, "configs", "zipit.yaml")))
+    body["parameters"]["calibration"] = str(calibration)
+    config = tmp_path / "zipit.yaml"
+    config.write_text(yaml.safe_dump(body))
+    args = ("plan", "--layout", "llama-3-70b", "--worker-memory", "40GiB", "--part-size", "5MiB")
+    result = invoke(*args, config, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert sorted(report["split_tensors"]) == ["lm_head.weight", "model.embed_tokens.weight"]
+    assert report["whole_only"] == report["merged_tensors"] - 2
+    text = invoke(*args, config)
+    assert "(721 of 723 merged tensors cannot be split: each must fit whole)" in text.output
+    tight = invoke("plan", "--layout", "llama-3-70b", "--worker-memory", "2GiB", config)
+    assert tight.exit_code == 2
+    assert "tensor 'model.layers.0.mlp.down_proj.weight' [8192, 28672] needs" in tight.output
+    assert "zipit cannot split a tensor" in tight.output and "raise --worker-memory" in tight.output
 
 
 # --- merges on the local Ray -------------------------------------------------------------------

@@ -274,6 +274,9 @@ class MergeMethod:
 
     # a stage over data of its own (ZipIt's calibration statistics), run before the merge
     stage: DataStage | None = None
+    # row_split(tensor name): a `tensor` method's tensors whose rows each depend only on the
+    # same row of the inputs (given the facts), so they may still be cut into row ranges
+    row_split: Callable[[str], bool] | None = None
 
     # scratch(n inputs) -> fp32 words per element the kernel holds at its peak, besides its
     # inputs and output (the plan sizes work units by it); None: a cautious n + 4
@@ -306,11 +309,12 @@ class MergeMethod:
             return ()
         return self.rounds(shared)
 
-    def split_problem(self, ndim: int) -> str | None:
-        """Why a tensor of `ndim` dimensions cannot be cut into row ranges (None: it can)."""
+    def split_problem(self, ndim: int, name: str = "") -> str | None:
+        """Why a tensor of `ndim` dimensions (named `name`) cannot be cut into row ranges
+        (None: it can)."""
         if self.locality == "elementwise":
             return None
-        if self.locality == "rows":
+        if self.locality == "rows" or (self.row_split is not None and self.row_split(name)):
             return None if ndim >= 2 else f"{self.name} needs whole rows and a vector is one row"
         if self.rounds is not None:
             return None

@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from raymerge.methods.base import MergeMethod, Param
-from raymerge.zipit.apply import merge
+from raymerge.zipit.apply import EMBEDDINGS, merge
+from raymerge.zipit.shape import role_of
 from raymerge.zipit.stage import STAGE
 
 CALIBRATION = (
@@ -52,10 +53,19 @@ def _positive_alpha(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> 
     return None
 
 
+def _vocab_rows(name: str) -> bool:
+    """The embeddings and lm_head: only their columns (the residual stream) move, so each
+    vocabulary row is merged from the same row of every model and they split by rows (at
+    70B they are 2 GB per model)."""
+    role = role_of(name)
+    return role is not None and role[1] in EMBEDDINGS
+
+
 def _method(name: str, params: tuple[Param, ...], summary: str, check=None) -> MergeMethod:
     return MergeMethod(
         name=name, merge=merge, params=params, base="ignored", min_inputs=2, summary=summary,
         locality="tensor", stage=STAGE, check=check, scratch=lambda n: 2.0 * n + 2,
+        row_split=_vocab_rows,
     )  # fmt: skip
 
 
