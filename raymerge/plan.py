@@ -48,6 +48,10 @@ WHOLE_TENSOR_LIMIT = 1 << 30
 WHOLE_TENSOR_PARTS = 16
 # a worker's pipeline holds up to three units at once: merging, prefetched, being written
 UNITS_IN_MEMORY = 3
+# output bytes whole tensors are grouped into a unit up to (a larger tensor stays whole):
+# units of this size kept two workers busy to the end of a linear merge, where units as
+# large as a part (64 MiB and more) left one idle at the end and held more memory
+UNIT_TARGET_BYTES = 32 << 20
 # S3's multipart limits, which every write part respects (so any destination can take it)
 MAX_PART_BYTES = 5 << 30
 MIN_PART_BYTES = 5 << 20  # except a shard's last part
@@ -624,7 +628,8 @@ def _cut_units(
     memory: int | None,
 ) -> list[Unit]:  # fmt: skip
     """Whole tensors grouped within a part while a worker's pipeline can hold them (`memory`
-    bytes); a tensor that does not fit (or spans parts) is cut into block-aligned row ranges."""
+    bytes) and their output stays within UNIT_TARGET_BYTES; a tensor that does not fit (or
+    spans parts) is cut into block-aligned row ranges."""
     units: list[Unit] = []
     by_shard: dict[int, list[int]] = {}
     for i, t in enumerate(tensors):
@@ -637,7 +642,10 @@ def _cut_units(
                 continue
             pieces = _pieces(spec, i, tensor, part, memory)
             if len(pieces) == 1 and pieces[0].whole:
-                if group and memory is not None and _cost(tensors, group + pieces) > memory:
+                grown = group + pieces
+                if group and (_output_bytes(tensors, grown) > UNIT_TARGET_BYTES or (
+                    memory is not None and _cost(tensors, grown) > memory
+                )):  # fmt: skip
                     units.append(_unit(len(units), part, tensors, shards, group))
                     group = []
                 group += pieces
@@ -708,6 +716,10 @@ def _io_and_scratch(tensors: list[OutputTensor], pieces: list[Piece]) -> tuple[i
         io += row_io * (p.row_end - p.row_start) + tensors[p.tensor].extra_input
         scratch = max(scratch, row_scratch * (p.row_end - p.row_start))
     return io, scratch
+
+
+def _output_bytes(tensors: list[OutputTensor], pieces: list[Piece]) -> int:
+    return sum(tensors[p.tensor].row_bytes * (p.row_end - p.row_start) for p in pieces)
 
 
 def _cost(tensors: list[OutputTensor], pieces: list[Piece]) -> int:
