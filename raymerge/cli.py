@@ -490,6 +490,7 @@ def run_and_exit(command: Callable[[], Any]) -> None:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+    ray_cluster.end_local_ray()
     os._exit(code)
 
 

@@ -196,6 +196,7 @@ def test_console_script_runs_a_merge_in_its_own_local_ray(models, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["HOME"] = str(home)
     script = os.path.join(os.path.dirname(sys.executable), "raymerge")
+    before = ray_daemons()
     done = subprocess.run(
         [script, "run", config, str(tmp_path / "out"), "--workers", "2", "--part-size", "20KB"],
         env=env,
@@ -205,6 +206,9 @@ def test_console_script_runs_a_merge_in_its_own_local_ray(models, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "merged" in done.stdout and "merging" in done.stderr  # summary and progress bar
+    # its Ray, agents included, ends with it (agents left to notice a dead raylet themselves
+    # outlived it by a minute)
+    assert no_new_daemons(before, within_s=5.0)
     assert os.listdir(home) == []  # no auth token, no Ray state in the user's home
     done = subprocess.run([script, "verify", str(tmp_path / "out")], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("ok:")
@@ -255,7 +259,7 @@ def test_a_plan_error_while_ray_starts_exits_at_once_and_leaves_nothing(models, 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     script = os.path.join(os.path.dirname(sys.executable), "raymerge")
     out = tmp_path / "out"
-    before = gcs_servers()
+    before = ray_daemons()
     done = subprocess.run(
         [script, "run", config, str(out), "--worker-memory", "4KiB", "--no-progress"],
         env=env,
@@ -267,20 +271,29 @@ def test_a_plan_error_while_ray_starts_exits_at_once_and_leaves_nothing(models, 
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "--worker-memory" in lines[0], done.stderr
     assert not out.exists()
-    deadline = time.monotonic() + 10  # a Ray it started ends with it
-    while gcs_servers() - before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not gcs_servers() - before
+    assert no_new_daemons(before)  # a Ray it started ends with it
 
 
-def gcs_servers() -> set[int]:
-    """The pids of every Ray GCS server on this machine."""
+RAY_DAEMONS = (b"gcs_server", b"raylet", b"DashboardAgent", b"RuntimeEnvAgent")
+
+
+def ray_daemons() -> set[int]:
+    """The pids of every Ray GCS server, raylet and agent on this machine."""
     found = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"gcs_server" in f.read().split(b"\0")[0]:
-                    found.add(int(pid))
+                program = f.read().split(b"\0")[0]
         except OSError:
-            pass
+            continue
+        if any(name in program for name in RAY_DAEMONS):
+            found.add(int(pid))
     return found
+
+
+def no_new_daemons(before: set[int], within_s: float = 10.0) -> bool:
+    """Whether every Ray daemon started since `before` is gone within `within_s`."""
+    deadline = time.monotonic() + within_s
+    while ray_daemons() - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not ray_daemons() - before
