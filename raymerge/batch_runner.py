@@ -35,7 +35,7 @@ from raymerge.plan import (
     shared_input_rows,
     unit_batches,
 )
-from raymerge.pool import WorkerPool
+from raymerge.pool import WorkerPool, keeping
 from raymerge.ray_cluster import ray_session
 from raymerge.runner import (
     RunOptions,
@@ -143,7 +143,7 @@ def run_batch(
     outputs = recipe_outputs(prefix, recipes)
     runs = [RecipeRun(r, outputs[r.name]) for r in recipes]
     summary = BatchSummary(prefix, runs)
-    with ray_session(options.address, local_cpus(options)):
+    with ray_session(options.address, local_cpus(options)), keeping():  # one set of workers
         check_destination_shared(prefix, options)
         for stage in sorted({r.stage for r in recipes}):
             mine = [run for run in runs if run.recipe.stage == stage]

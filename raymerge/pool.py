@@ -14,7 +14,8 @@ import gc
 import heapq
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,15 +55,25 @@ class _WorkerActor:
         import torch
 
         from raymerge import malloc
-        from raymerge.worker import BatchContext, SharedRunner, UnitRunner
 
         malloc.tune()
         torch.set_num_threads(threads)
+        self.reset(context)
+
+    def reset(self, context: Any) -> bool:
+        """Serve a (new) pool: a fresh runner for its context; nothing of an earlier merge
+        stays but the process and its imports."""
+        from raymerge.worker import BatchContext, SharedRunner, UnitRunner
+
+        gc.unfreeze()
+        self.runner = None
+        gc.collect()
         batch = isinstance(context, BatchContext)
         self.runner = SharedRunner(context) if batch else UnitRunner(context)
-        # what is alive now (torch, Ray, the context) lives as long as the actor: keep the
+        # what is alive now (torch, Ray, the context) lives as long as the runner: keep the
         # cyclic collector from walking it again every few thousand allocations of a merge
         gc.freeze()
+        return True
 
     def ready(self) -> bool:
         return True
@@ -130,8 +141,71 @@ def inject_fault(keys: set[str]) -> None:
     raise OSError(f"injected fault on {key}")
 
 
+class _Kept:
+    """Inside `keeping()`: the actors of this process's last pools, kept for the next pool
+    that wants actors like them (a batch's stages, a test session): a new actor costs a
+    worker process importing torch (1-2 s), a kept one a reset (milliseconds). Kept actors
+    hold their CPUs and memory in Ray, so only one kind of actor is kept at a time, and
+    none outside `keeping()` (a caller's own Ray gets its resources back when a merge ends)."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.kind: tuple | None = None
+        self.actors: list[tuple[Any, int]] = []  # (actor, the memory it holds in Ray)
+
+    def take(self, kind: tuple, memory: int, count: int) -> list[tuple[Any, int]]:
+        """Up to `count` kept actors of this kind that hold at least `memory`. The other
+        kept actors that hold enough stay kept (then the pool starts none: it wants no more
+        than the CPUs allow, and so did the pools they came from); the rest are ended, so
+        their CPUs are free for the pool's new actors."""
+        if kind != self.kind:
+            self.clear()
+        fit = [a for a in self.actors if a[1] >= memory]
+        _kill([actor for actor, held in self.actors if held < memory])
+        taken, self.actors = fit[:count], fit[count:]
+        return taken
+
+    def keep(self, kind: tuple, actors: list[tuple[Any, int]]) -> None:
+        if not self.enabled:
+            _kill([actor for actor, _ in actors])
+            return
+        if kind != self.kind:
+            self.clear()
+        self.kind = kind
+        self.actors += actors
+
+    def clear(self) -> None:
+        _kill([actor for actor, _ in self.actors])
+        self.kind, self.actors = None, []
+
+
+KEPT = _Kept()
+
+
+@contextmanager
+def keeping() -> Iterator[None]:
+    """Keep the actors of one pool for the next, until the block ends."""
+    was, KEPT.enabled = KEPT.enabled, True
+    try:
+        yield
+    finally:
+        KEPT.enabled = was
+        if not was:
+            KEPT.clear()
+
+
+def _kill(actors: list[Any]) -> None:
+    if actors:
+        import ray
+
+        for actor in actors:
+            ray.kill(actor)
+
+
 class WorkerPool:
     def __init__(self, context: Any, options: PoolOptions, pending: int) -> None:
+        import json
+
         import ray
 
         self.options = options
@@ -151,18 +225,34 @@ class WorkerPool:
         self.context_ref = ray.put(context)
         self.threads = max(1, int(options.cpus_per_worker))
         self.actors: dict[int, Any] = {}
-        self.starting: dict[Any, tuple[int, Any, float]] = {}  # ready ref -> (id, actor, since)
+        # ready ref -> (id, actor, since, kept: an actor of an earlier pool)
+        self.starting: dict[Any, tuple[int, Any, float, bool]] = {}
         self.next_id = 0
         self.spares = count  # replacements allowed for actors that die
         self.restarts = 0
-        for _ in range(count):
+        self.idle = True  # nothing in flight: every map so far has ended normally
+        self.kind = (
+            ray.get_runtime_context().get_job_id(), options.cpus_per_worker,
+            options.gpus_per_worker, json.dumps(runtime_env, sort_keys=True), self.threads,
+        )  # fmt: skip
+        self.memory = options.memory_per_worker or 0
+        self.holds: dict[Any, int] = {}  # actor -> the memory it holds (more, if kept)
+        for actor, memory in KEPT.take(self.kind, self.memory, count):
+            self._start(actor, memory)
+        for _ in range(count - len(self.starting)):
             self._start()
         while not self.actors:  # the first ready actor ends the start-up phase
             self._admit(timeout=0.5)
 
-    def _start(self) -> None:
-        actor = self.actor_class.remote(self.context_ref, self.threads)
-        self.starting[actor.ready.remote()] = (self.next_id, actor, time.monotonic())
+    def _start(self, kept: Any = None, memory: int = 0) -> None:
+        """Start a new actor, or hand a kept one (holding `memory`) this pool's context."""
+        if kept is None:
+            actor = self.actor_class.remote(self.context_ref, self.threads)
+            ref, memory = actor.ready.remote(), self.memory
+        else:
+            actor, ref = kept, kept.reset.remote(self.context_ref)
+        self.starting[ref] = (self.next_id, actor, time.monotonic(), kept is not None)
+        self.holds[actor] = memory
         self.next_id += 1
 
     def _admit(self, timeout: float) -> None:
@@ -174,15 +264,18 @@ class WorkerPool:
             return
         ready, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=timeout)
         for ref in ready:
-            actor_id, actor, _ = self.starting.pop(ref)
+            actor_id, actor, _, kept = self.starting.pop(ref)
             try:
                 ray.get(ref)
             except RayActorError as exc:
-                self._start_failed(f"{exc}")
+                if kept:  # it died since its last pool: a new one takes its place
+                    self._start()
+                else:
+                    self._start_failed(f"{exc}")
                 continue
             self.actors[actor_id] = actor
         now = time.monotonic()
-        for ref, (_, actor, since) in list(self.starting.items()):
+        for ref, (_, actor, since, _) in list(self.starting.items()):
             if now - since > READY_TIMEOUT_S:
                 del self.starting[ref]
                 ray.kill(actor)
@@ -211,6 +304,7 @@ class WorkerPool:
         in_flight: dict[Any, tuple[int, Any, float]] = {}
         load: dict[int, int] = {}
         retries = 0
+        self.idle = False
         while queue or in_flight:
             self._admit(timeout=0)
             limit = self._fair_share(len(queue) + len(in_flight))
@@ -251,6 +345,7 @@ class WorkerPool:
                 on_result(item, result)
                 continue
             retries += self._retry(item, failure, actor_id, queue, attempts, avoid)
+        self.idle = True
         return retries
 
     def _fair_share(self, remaining: int) -> int:
@@ -319,10 +414,13 @@ class WorkerPool:
             self._start()
 
     def close(self) -> None:
-        import ray
-
-        for actor in list(self.actors.values()) + [a for _, a, _ in self.starting.values()]:
-            ray.kill(actor)
+        """End the pool: actors still starting are ended; the live ones are kept for the
+        next pool (inside `keeping()`) when nothing of theirs is in flight, else ended."""
+        _kill([actor for _, actor, _, _ in self.starting.values()])
+        if self.idle:
+            KEPT.keep(self.kind, [(a, self.holds[a]) for a in self.actors.values()])
+        else:
+            _kill(list(self.actors.values()))
 
 
 def describe(item: Any) -> str:

@@ -23,8 +23,12 @@ RAY_CPUS = 4
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray for the whole session, with a small fixed CPU count."""
+    """A real local Ray for the whole session, with a small fixed CPU count; a merge's worker
+    actors are kept for the next merge that wants the same kind (pool.keeping), as a batch's
+    stages keep them, so most tests do not wait for workers to import torch."""
     import ray
+
+    from raymerge.pool import keeping
 
     ray.init(
         address="local",  # a private Ray, even when another cluster runs on this machine
@@ -34,7 +38,8 @@ def ray_local():
         log_to_driver=False,
         configure_logging=False,
     )
-    yield
+    with keeping():
+        yield
     ray.shutdown()
 
 
