@@ -406,14 +406,16 @@ class Plan:
     def peak_worker_bytes(self, whole_parts: bool = False) -> int:
         """A bound on one worker's memory for data: every pipeline slot holding the largest
         unit's inputs and output, plus the largest scratch of one merge. With `whole_parts`
-        (an S3 destination) a slot holds a whole part's output and one unit's inputs."""
+        (an S3 destination) a slot holds a whole part's output and one unit's inputs. A
+        data stage's item (one at a time per worker) may hold more than the merge."""
+        stage = 0 if self.stage is None else self.stage.worker_bytes
         if not self.units:
-            return 0
+            return stage
         scratch = max(u.scratch for u in self.units)
         if not whole_parts:
-            return UNITS_IN_MEMORY * max(u.io_bytes for u in self.units) + scratch
+            return max(stage, UNITS_IN_MEMORY * max(u.io_bytes for u in self.units) + scratch)
         slot = max(j.nbytes + max(u.input_bytes for u in j.units) for j in self.part_jobs())
-        return UNITS_IN_MEMORY * slot + scratch
+        return max(stage, UNITS_IN_MEMORY * slot + scratch)
 
     def part_jobs(self, units: list[Unit] | None = None) -> list[PartJob]:
         """`units` (default: all) grouped by the write part they lie in, in part order."""

@@ -516,7 +516,10 @@ def test_a_stage_that_does_not_fit_worker_memory_is_refused_at_plan_time(tmp_pat
 
     body = zip_config("zipit", model_a, model_b, calibration, sequence_length=512,
                       calibration_tokens=4096)  # fmt: skip
-    need = plan_of(tmp_path, body).stage.worker_bytes
+    planned = plan_of(tmp_path, body)
+    need = planned.stage.worker_bytes
+    # the bound Ray is asked to reserve per worker (RunOptions.pool) covers a stage item
+    assert planned.peak_worker_bytes() == need > 4 * max(u.io_bytes for u in planned.units)
     path = write_config(tmp_path / "c.yaml", body)
     result = CliRunner().invoke(main, ["plan", path, "--worker-memory", str(need - 1)])
     assert result.exit_code == 2, result.output
