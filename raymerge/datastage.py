@@ -77,7 +77,13 @@ class DataStage:
     end_pass: Callable[[dict], None] | None = None  # drop what the next pass does not need
     final: tuple[DataStep, ...] = ()  # run once, after the last pass
     start: Callable[[dict], None] | None = None  # before gathering: clear an earlier try's files
-    # items from state["artifact"]; its folds put the names of bad files in state["damaged"]
+    # after each pass but the last: what of the state the next passes need (JSON, arrays and
+    # file references), stored in the ledger so a stopped run resumes at the next pass once
+    # the files it names check out; `resume(state, carried)` puts it back
+    carry: Callable[[dict], dict] | None = None
+    resume: Callable[[dict, dict], None] | None = None
+    # items from state["artifact"] (a stored artifact or pass); its folds put the names of
+    # bad files in state["damaged"]
     verify: DataStep | None = None
 
     def step(self, number: int) -> DataStep:

@@ -9,7 +9,8 @@ and reaches the merge through `MergeInputs.facts`.
 
 A method may instead declare a data stage (`DataStage`: ZipIt's calibration statistics and
 matching): its steps map over items of their own, the results are folded in item order, and
-the final state is stored as one artifact the same way.
+the final state is stored as one artifact the same way; so is, after each pass of a stage
+that runs in passes, what the next pass needs, so a stopped run resumes at the next pass.
 """
 
 from __future__ import annotations
@@ -100,34 +101,67 @@ def _gather(pool, plan: Plan, method: MergeMethod, scope_of: dict[int, str], log
 def _data_stage(pool, plan: Plan, stage: DataStage, ledger: Ledger, log) -> dict[int, dict]:
     """Run a stage over data of its own (or take its stored artifact, once the files it
     names check out), then give every merged tensor its facts."""
-    destination = ledger.destination
-    artifact = _decoded(ledger.artifact(stage.name))
-    if artifact is not None and not _verified(pool, stage, artifact, log):
-        artifact = None
+    artifact = _stored(pool, stage, ledger, stage.name, log)
     if artifact is None:
-        state = {"settings": plan.stage.settings, "data": plan.stage.data,
-                 "destination": destination}  # fmt: skip
-        if stage.start is not None:
-            stage.start(state)
-        passes = 1 if stage.passes is None else stage.passes(state["settings"])
-        for state["pass"] in range(passes):
-            shown = f", pass {state['pass'] + 1} of {passes}" if passes > 1 else ""
-            for number, step in enumerate(stage.steps):
-                _run_step(pool, number, step, state, log, shown)
-            if stage.end_pass is not None:
-                stage.end_pass(state)
-        for number, step in enumerate(stage.final, start=len(stage.steps)):
-            _run_step(pool, number, step, state, log)
-        artifact = stage.artifact(state)
+        artifact = _gather(pool, plan, stage, ledger, log)
         ledger.store_artifact(stage.name, encode_arrays(artifact))
     else:
         log(f"prepare: reusing the stored {stage.name} artifact")
     facts = {}
     for index, tensor in enumerate(plan.tensors):
-        mine = stage.facts(artifact, tensor, destination.root) if tensor.op == "merge" else None
+        root = ledger.destination.root
+        mine = stage.facts(artifact, tensor, root) if tensor.op == "merge" else None
         if mine is not None:
             facts[index] = mine
     return facts
+
+
+def _gather(pool, plan: Plan, stage: DataStage, ledger: Ledger, log) -> Any:
+    """The stage's passes and final steps; after each pass but the last, what the next
+    needs is stored, and a run stopped later starts again from there."""
+    state = {"settings": plan.stage.settings, "data": plan.stage.data,
+             "destination": ledger.destination}  # fmt: skip
+    passes = 1 if stage.passes is None else stage.passes(state["settings"])
+    name, first = f"{stage.name}-pass", 0
+    stored = None if stage.carry is None else _stored(pool, stage, ledger, name, log)
+    if _resumed(stage, state, stored, passes):
+        first = stored["passes"]
+        log(f"prepare: resuming {stage.name} after pass {first} of {passes}")
+    elif stage.start is not None:
+        stage.start(state)
+    for state["pass"] in range(first, passes):
+        shown = f", pass {state['pass'] + 1} of {passes}" if passes > 1 else ""
+        for number, step in enumerate(stage.steps):
+            _run_step(pool, number, step, state, log, shown)
+        if stage.end_pass is not None:
+            stage.end_pass(state)
+        if stage.carry is not None and state["pass"] + 1 < passes:
+            done = {"passes": state["pass"] + 1, "carry": stage.carry(state)}
+            ledger.store_artifact(name, encode_arrays(done))
+    for number, step in enumerate(stage.final, start=len(stage.steps)):
+        _run_step(pool, number, step, state, log)
+    return stage.artifact(state)
+
+
+def _resumed(stage: DataStage, state: dict, stored: Any, passes: int) -> bool:
+    """Whether a stored pass was put back into `state` (one of another shape is not ours)."""
+    if not (isinstance(stored, dict) and isinstance(stored.get("passes"), int)):
+        return False
+    if not 0 < stored["passes"] < passes:
+        return False
+    try:
+        stage.resume(state, stored["carry"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _stored(pool, stage: DataStage, ledger: Ledger, name: str, log) -> Any:
+    """A stored artifact of this merge whose files check out, or None (gather again)."""
+    artifact = _decoded(ledger.artifact(name))
+    if artifact is not None and not _verified(pool, stage, artifact, log):
+        return None
+    return artifact
 
 
 def _verified(pool, stage: DataStage, artifact: Any, log) -> bool:

@@ -412,6 +412,44 @@ def test_passes_over_windows_of_layers_give_the_same_bytes(ray_local, tmp_path, 
         assert torch.equal(whole[name], windows[name]), name
 
 
+@pytest.mark.parametrize("damage", [None, "hidden"])
+def test_a_run_stopped_in_a_later_pass_resumes_at_that_pass(
+    ray_local, tmp_path, model_a, calibration, monkeypatch, damage
+):
+    """Stopped in its second pass, a rerun starts at that pass from what the first stored
+    (hidden states, matches, residual shares, Gram tiles): nothing of the first pass is
+    gathered again, and the bytes equal a run never stopped. A stored file damaged
+    meanwhile sends the stage back to its first pass: the same bytes again."""
+    from raymerge.zipit import stage
+
+    monkeypatch.setattr(stage, "PASS_BYTES", 1)
+    b_dir = noisy_permuted_copy(tmp_path, model_a, 16)
+    body = zip_config("zipit", model_a, b_dir, calibration, residual="permute", beta=0.5,
+                      combine="regmean")  # fmt: skip
+    _, clean = run_config(tmp_path, body, "clean")
+    spec = load_spec(write_config(tmp_path / "again.yaml", body))
+    out = tmp_path / "again"
+    monkeypatch.setenv("RAYMERGE_FAULT", f"fail:match-mlp-00001:{tmp_path}")
+    with pytest.raises(MergeFailed):
+        merge(spec, out)
+    monkeypatch.delenv("RAYMERGE_FAULT")
+    assert (out / "_raymerge" / "zipit-pass.json").exists()
+    assert not (out / "_raymerge" / "zipit.json").exists()
+    if damage:
+        next((out / "_raymerge" / "zipit" / "hidden").rglob("*.npy")).unlink()
+    lines: list[str] = []
+    run_merge(spec, str(out), RunOptions(progress=False), log=lines.append)
+    resumed = [line for line in lines if "resuming zipit after pass 1 of 2" in line]
+    first_pass = [line for line in lines if "pass 1 of 2)" in line]
+    if damage:
+        assert not resumed and first_pass, lines
+        assert any("missing or damaged" in line for line in lines), lines
+    else:
+        assert resumed and not first_pass, lines
+        assert any("pass 2 of 2)" in line for line in lines), lines
+    same_tensors(clean, load_model(str(out)))
+
+
 def test_zipit_in_a_batch_equals_its_run_alone(ray_local, tmp_path, model_a, calibration):
     """A batch of a zipit and a linear recipe over the same two models: the zipit recipe
     runs its stage through the batch's pool and gives the bytes of its run alone."""

@@ -187,6 +187,8 @@ STAGE = DataStage(
     final=(DataStep("the residual permutation", steps.residual_items, work.assign_residual,
                     steps.fold_residual, steps.residual_payload),),
     start=steps.start,
+    carry=steps.carry,
+    resume=steps.resume,
     verify=DataStep("checking the stored Gram matrices", steps.verify_items, work.verify_files,
                     steps.fold_verify, steps.verify_payload),
 )  # fmt: skip

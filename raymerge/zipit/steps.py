@@ -205,6 +205,25 @@ def end_pass(state: dict) -> None:
         state.pop(key, None)
 
 
+def carry(state: dict) -> dict:
+    """What the next passes need of a finished one (stored: a stopped run resumes there):
+    the hidden states they start from, the matches so far, each layer's residual share and
+    RegMean's Gram tiles, all as references to files or small arrays."""
+    return {"hidden": state.get("hidden", {}), "matches": state.get("matches", {}),
+            "residual": sorted(state.get("residual", {}).items()),
+            "grams": state.get("grams", {})}  # fmt: skip
+
+
+def resume(state: dict, carried: dict) -> None:
+    """A stored pass put back (read whole first: one of another shape changes nothing)."""
+    hidden, matches = dict(carried["hidden"]), dict(carried["matches"])
+    residual = {int(layer): ref for layer, ref in carried["residual"]}
+    grams = dict(carried["grams"])
+    state |= {"hidden": hidden, "matches": matches, "residual": residual}
+    if grams:
+        state["grams"] = grams
+
+
 # final step: the residual permutation, from every layer's scores
 
 
@@ -229,10 +248,8 @@ def fold_residual(state: dict, position: int, item: StageItem, result: np.ndarra
 
 
 def verify_items(state: dict) -> list[StageItem]:
-    refs = [ref for entry in state["artifact"].get("grams", {}).values()
-            for ref in entry["tiles"].values()]  # fmt: skip
     items, chunk, size = [], [], 0
-    for ref in refs:
+    for ref in _references(state["artifact"]):
         chunk.append(ref)
         size += ref["nbytes"]
         if size >= VERIFY_BYTES:
@@ -241,6 +258,17 @@ def verify_items(state: dict) -> list[StageItem]:
     if chunk:
         items.append(StageItem(f"verify-{len(items):05d}", size, chunk))
     return items
+
+
+def _references(value: Any) -> list[dict]:
+    """Every file reference ({"name", "nbytes", "crc"}) in a stored artifact or pass."""
+    if isinstance(value, dict):
+        if set(value) == {"name", "nbytes", "crc"}:
+            return [value]
+        return [ref for v in value.values() for ref in _references(v)]
+    if isinstance(value, list):
+        return [ref for v in value for ref in _references(v)]
+    return []
 
 
 def verify_payload(item: StageItem, state: dict) -> None:
