@@ -304,6 +304,8 @@ def plan(
         "peak_worker_bytes": the_plan.peak_worker_bytes(),
         "digest": the_plan.digest,
         "stage": None if the_plan.stage is None else the_plan.stage.summary,
+        # the most one worker holds for one item of the data stage (in peak_worker_bytes too)
+        "stage_worker_bytes": None if the_plan.stage is None else the_plan.stage.worker_bytes,
     }
     if as_json:
         click.echo(json.dumps(report, indent=2))

@@ -542,6 +542,9 @@ def test_the_plan_states_the_stage_memory_at_llama_3_8b_width(tmp_path, calibrat
     assert result.exit_code == 0, result.output
     assert ("prepare memory per worker: at most 6.28 GiB of data (the greedy zip of the mlp "
             "features (28672² fp64 correlations))") in result.output  # fmt: skip
+    report = json.loads(CliRunner().invoke(main, [*args, "48GiB", "--json"]).output)
+    assert f"{report['stage_worker_bytes'] / (1 << 30):.2f}" == "6.28"
+    assert report["peak_worker_bytes"] >= report["stage_worker_bytes"]
 
 
 def test_a_stage_that_does_not_fit_worker_memory_is_refused_at_plan_time(tmp_path, model_a,
