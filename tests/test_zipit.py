@@ -234,10 +234,7 @@ def test_any_worker_count_gives_the_same_bytes_and_a_rerun_reuses_the_stage(
     # many small units, and the run stopped by a merge error after the stage
     path = write_config(tmp_path / "three.yaml", body)
     spec = load_spec(path, {"shard_size": 60_000, "part_size": 8_000})
-    monkeypatch.setenv("RAYMERGE_FAULT", f"fail:000003:{tmp_path}")
-    with pytest.raises(MergeFailed):
-        merge(spec, tmp_path / "three", workers=3)
-    monkeypatch.delenv("RAYMERGE_FAULT")
+    stop_at(monkeypatch, tmp_path, "000003", spec, tmp_path / "three", workers=3)
     lines: list[str] = []
     run_merge(spec, str(tmp_path / "three"), RunOptions(progress=False, workers=3),
               log=lines.append)  # fmt: skip
@@ -429,10 +426,7 @@ def test_a_run_stopped_in_a_later_pass_resumes_at_that_pass(
     _, clean = run_config(tmp_path, body, "clean")
     spec = load_spec(write_config(tmp_path / "again.yaml", body))
     out = tmp_path / "again"
-    monkeypatch.setenv("RAYMERGE_FAULT", f"fail:match-mlp-00001:{tmp_path}")
-    with pytest.raises(MergeFailed):
-        merge(spec, out)
-    monkeypatch.delenv("RAYMERGE_FAULT")
+    stop_at(monkeypatch, tmp_path, "match-mlp-00001", spec, out)
     assert (out / "_raymerge" / "zipit-pass.json").exists()
     assert not (out / "_raymerge" / "zipit.json").exists()
     if damage:
@@ -484,6 +478,14 @@ def noisy_permuted_copy(tmp_path, model_a, seed: int) -> str:
     rng = torch.Generator().manual_seed(seed)
     b = permuted({k: v + 0.1 * torch.randn(v.shape, generator=rng) for k, v in a.items()}, seed)
     return save_model(b, model_a, tmp_path / "b")
+
+
+def stop_at(monkeypatch, tmp_path, key: str, spec, out, **options) -> None:
+    """Merge `spec` into `out`, stopped by a merge error at the item (or unit) `key`."""
+    monkeypatch.setenv("RAYMERGE_FAULT", f"fail:{key}:{tmp_path}")
+    with pytest.raises(MergeFailed):
+        merge(spec, out, **options)
+    monkeypatch.delenv("RAYMERGE_FAULT")
 
 
 def same_tensors(one: dict, other: dict) -> None:
@@ -594,10 +596,7 @@ def test_a_damaged_or_missing_gram_file_is_gathered_again(
     _, clean = run_config(tmp_path, body, "clean")
     spec = load_spec(write_config(tmp_path / "again.yaml", body), MANY_UNITS)
     out = tmp_path / "again"
-    monkeypatch.setenv("RAYMERGE_FAULT", f"fail:000003:{tmp_path}")
-    with pytest.raises(MergeFailed):
-        merge(spec, out)
-    monkeypatch.delenv("RAYMERGE_FAULT")
+    stop_at(monkeypatch, tmp_path, "000003", spec, out)
     stored = json.loads((out / "_raymerge" / "zipit.json").read_text())
     assert "grams" in stored["value"] and "__array__" not in json.dumps(stored["value"]["grams"])
     files = gram_files(out)
@@ -625,10 +624,7 @@ def test_a_rerun_reuses_intact_gram_files_and_force_removes_them(
     body = zip_config("permute", model_a, b_dir, calibration, combine="regmean")
     spec = load_spec(write_config(tmp_path / "c.yaml", body), MANY_UNITS)
     out = tmp_path / "out"
-    monkeypatch.setenv("RAYMERGE_FAULT", f"fail:000003:{tmp_path}")
-    with pytest.raises(MergeFailed):
-        merge(spec, out)
-    monkeypatch.delenv("RAYMERGE_FAULT")
+    stop_at(monkeypatch, tmp_path, "000003", spec, out)
     lines: list[str] = []
     run_merge(spec, str(out), RunOptions(progress=False), log=lines.append)
     assert any("reusing the stored zipit artifact" in line for line in lines), lines
