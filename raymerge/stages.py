@@ -103,7 +103,7 @@ def _data_stage(pool, plan: Plan, stage: DataStage, ledger: Ledger, log) -> dict
     names check out), then give every merged tensor its facts."""
     artifact = _stored(pool, stage, ledger, stage.name, log)
     if artifact is None:
-        artifact = _gather(pool, plan, stage, ledger, log)
+        artifact = _gather_data(pool, plan, stage, ledger, log)
         ledger.store_artifact(stage.name, encode_arrays(artifact))
     else:
         log(f"prepare: reusing the stored {stage.name} artifact")
@@ -116,7 +116,7 @@ def _data_stage(pool, plan: Plan, stage: DataStage, ledger: Ledger, log) -> dict
     return facts
 
 
-def _gather(pool, plan: Plan, stage: DataStage, ledger: Ledger, log) -> Any:
+def _gather_data(pool, plan: Plan, stage: DataStage, ledger: Ledger, log) -> Any:
     """The stage's passes and final steps; after each pass but the last, what the next
     needs is stored, and a run stopped later starts again from there."""
     state = {"settings": plan.stage.settings, "data": plan.stage.data,
