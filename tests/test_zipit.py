@@ -444,6 +444,24 @@ def test_a_run_stopped_in_a_later_pass_resumes_at_that_pass(
     same_tensors(clean, load_model(str(out)))
 
 
+def test_a_stored_pass_of_another_window_or_shape_is_not_put_back():
+    """A stored pass is put back whole or not at all: passes of another window of layers (or
+    a record of another shape) leave the state as it was, and the stage starts over."""
+    from raymerge.stages import _resumed
+    from raymerge.zipit.stage import STAGE
+
+    carried = {"window": 1, "hidden": {"calibration-00000": None}, "matches": {},
+               "residual": [[0, {"name": "r", "nbytes": 1, "crc": 0}]], "grams": {}}  # fmt: skip
+    for stored in ({"passes": 1, "carry": carried}, {"passes": 1, "carry": {"window": 2}},
+                   {"passes": "1", "carry": carried}, {"passes": 2, "carry": carried}):  # fmt: skip
+        state = {"settings": {"window": 2}}
+        assert not _resumed(STAGE, state, stored, passes=2)
+        assert state == {"settings": {"window": 2}}
+    state = {"settings": {"window": 1}}
+    assert _resumed(STAGE, state, {"passes": 1, "carry": carried}, passes=2)
+    assert state["residual"] == {0: {"name": "r", "nbytes": 1, "crc": 0}}
+
+
 def test_zipit_in_a_batch_equals_its_run_alone(ray_local, tmp_path, model_a, calibration):
     """A batch of a zipit and a linear recipe over the same two models: the zipit recipe
     runs its stage through the batch's pool and gives the bytes of its run alone."""

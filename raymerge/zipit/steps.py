@@ -209,13 +209,17 @@ def carry(state: dict) -> dict:
     """What the next passes need of a finished one (stored: a stopped run resumes there):
     the hidden states they start from, the matches so far, each layer's residual share and
     RegMean's Gram tiles, all as references to files or small arrays."""
-    return {"hidden": state.get("hidden", {}), "matches": state.get("matches", {}),
+    return {"window": state["settings"]["window"], "hidden": state.get("hidden", {}),
+            "matches": state.get("matches", {}),
             "residual": sorted(state.get("residual", {}).items()),
             "grams": state.get("grams", {})}  # fmt: skip
 
 
 def resume(state: dict, carried: dict) -> None:
-    """A stored pass put back (read whole first: one of another shape changes nothing)."""
+    """A stored pass put back (read whole first: one of another shape changes nothing;
+    passes of another width of layers are not ours)."""
+    if carried["window"] != state["settings"]["window"]:
+        raise ValueError("stored passes of another window of layers")
     hidden, matches = dict(carried["hidden"]), dict(carried["matches"])
     residual = {int(layer): ref for layer, ref in carried["residual"]}
     grams = dict(carried["grams"])
