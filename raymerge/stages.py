@@ -101,15 +101,16 @@ def _gather(pool, plan: Plan, method: MergeMethod, scope_of: dict[int, str], log
 def _data_stage(pool, plan: Plan, stage: DataStage, ledger: Ledger, log) -> dict[int, dict]:
     """Run a stage over data of its own (or take its stored artifact, once the files it
     names check out), then give every merged tensor its facts."""
-    artifact = _stored(pool, stage, ledger, stage.name, log)
+    artifact = _decoded(ledger.artifact(stage.name))
+    if artifact is not None and not _verified(pool, stage, artifact, log):
+        artifact = None
     if artifact is None:
         artifact = _gather_data(pool, plan, stage, ledger, log)
         ledger.store_artifact(stage.name, encode_arrays(artifact))
     else:
         log(f"prepare: reusing the stored {stage.name} artifact")
-    facts = {}
+    facts, root = {}, ledger.destination.root
     for index, tensor in enumerate(plan.tensors):
-        root = ledger.destination.root
         mine = stage.facts(artifact, tensor, root) if tensor.op == "merge" else None
         if mine is not None:
             facts[index] = mine
@@ -123,8 +124,10 @@ def _gather_data(pool, plan: Plan, stage: DataStage, ledger: Ledger, log) -> Any
              "destination": ledger.destination}  # fmt: skip
     passes = 1 if stage.passes is None else stage.passes(state["settings"])
     name, first = f"{stage.name}-pass", 0
-    stored = None if stage.carry is None else _stored(pool, stage, ledger, name, log)
-    if _resumed(stage, state, stored, passes):
+    stored = None if stage.carry is None else _decoded(ledger.artifact(name))
+    if _resumable(stored, passes) and _verified(pool, stage, stored, log) and _resumed(
+        stage, state, stored
+    ):
         first = stored["passes"]
         log(f"prepare: resuming {stage.name} after pass {first} of {passes}")
     elif stage.start is not None:
@@ -143,25 +146,20 @@ def _gather_data(pool, plan: Plan, stage: DataStage, ledger: Ledger, log) -> Any
     return stage.artifact(state)
 
 
-def _resumed(stage: DataStage, state: dict, stored: Any, passes: int) -> bool:
-    """Whether a stored pass was put back into `state` (one of another shape is not ours)."""
+def _resumable(stored: Any, passes: int) -> bool:
+    """Whether a stored record names a pass that a run of `passes` passes can go on from."""
     if not (isinstance(stored, dict) and isinstance(stored.get("passes"), int)):
         return False
-    if not 0 < stored["passes"] < passes:
-        return False
+    return 0 < stored["passes"] < passes
+
+
+def _resumed(stage: DataStage, state: dict, stored: dict) -> bool:
+    """Whether a stored pass was put back into `state` (one of another shape is not ours)."""
     try:
         stage.resume(state, stored["carry"])
     except (KeyError, TypeError, ValueError):
         return False
     return True
-
-
-def _stored(pool, stage: DataStage, ledger: Ledger, name: str, log) -> Any:
-    """A stored artifact of this merge whose files check out, or None (gather again)."""
-    artifact = _decoded(ledger.artifact(name))
-    if artifact is not None and not _verified(pool, stage, artifact, log):
-        return None
-    return artifact
 
 
 def _verified(pool, stage: DataStage, artifact: Any, log) -> bool:

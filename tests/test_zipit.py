@@ -447,7 +447,7 @@ def test_a_run_stopped_in_a_later_pass_resumes_at_that_pass(
 def test_a_stored_pass_of_another_window_or_shape_is_not_put_back():
     """A stored pass is put back whole or not at all: passes of another window of layers (or
     a record of another shape) leave the state as it was, and the stage starts over."""
-    from raymerge.stages import _resumed
+    from raymerge.stages import _resumable, _resumed
     from raymerge.zipit.stage import STAGE
 
     carried = {"window": 1, "hidden": {"calibration-00000": None}, "matches": {},
@@ -455,10 +455,11 @@ def test_a_stored_pass_of_another_window_or_shape_is_not_put_back():
     for stored in ({"passes": 1, "carry": carried}, {"passes": 1, "carry": {"window": 2}},
                    {"passes": "1", "carry": carried}, {"passes": 2, "carry": carried}):  # fmt: skip
         state = {"settings": {"window": 2}}
-        assert not _resumed(STAGE, state, stored, passes=2)
+        assert not (_resumable(stored, passes=2) and _resumed(STAGE, state, stored))
         assert state == {"settings": {"window": 2}}
     state = {"settings": {"window": 1}}
-    assert _resumed(STAGE, state, {"passes": 1, "carry": carried}, passes=2)
+    stored = {"passes": 1, "carry": carried}
+    assert _resumable(stored, passes=2) and _resumed(STAGE, state, stored)
     assert state["residual"] == {0: {"name": "r", "nbytes": 1, "crc": 0}}
 
 
