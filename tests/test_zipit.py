@@ -314,7 +314,9 @@ def test_text_calibration_uses_the_first_models_tokenizer(tmp_path, model_a, mod
 @pytest.mark.parametrize(
     ("change", "error", "message"),
     [
-        ({"calibration": "missing.npy"}, ConfigError, "missing.npy.*cannot be read"),
+        ({"calibration": "missing.npy"}, ConfigError,
+         "'missing.npy' not found \\(looked for '.*missing.npy' or '.*missing.npy'\\)"),
+        ({"calibration": "/nowhere/x.npy"}, ConfigError, "x.npy.*cannot be read"),
         ({"calibration": "big.npy"}, DataError, r"token ids must lie in \[0, 320\)"),
         ({"calibration": "floats.npy"}, DataError, "integer array"),
         ({"calibration": "short.npy"}, ConfigError, "fewer than one sequence"),

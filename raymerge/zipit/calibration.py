@@ -42,7 +42,14 @@ def resolve(path: str, config_source: str) -> str:
     path = os.path.expanduser(path)
     if is_remote(path) or os.path.isabs(path) or os.path.exists(path):
         return path if is_remote(path) else os.path.abspath(path)
-    return os.path.join(os.path.dirname(os.path.abspath(config_source)), path)
+    beside = os.path.join(os.path.dirname(os.path.abspath(config_source)), path)
+    if not os.path.exists(beside):
+        raise ConfigError(
+            f"calibration {path!r} not found (looked for {os.path.abspath(path)!r} or "
+            f"{beside!r}); give token ids (.npy, Parquet) or text (docs/zipit.md shows how "
+            "to make some to try it out)"
+        )
+    return beside
 
 
 def load(path: str, tokens: int, sequence_length: int, vocab: int,
