@@ -265,10 +265,10 @@ def verify_items(state: dict) -> list[StageItem]:
 
 
 def _references(value: Any) -> list[dict]:
-    """Every file reference ({"name", "nbytes", "crc"}) in a stored artifact or pass."""
+    """Every file reference (store.write's) in a stored artifact or pass."""
+    if store.is_ref(value):
+        return [value]
     if isinstance(value, dict):
-        if set(value) == {"name", "nbytes", "crc"}:
-            return [value]
         return [ref for v in value.values() for ref in _references(v)]
     if isinstance(value, list):
         return [ref for v in value for ref in _references(v)]

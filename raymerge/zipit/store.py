@@ -52,6 +52,11 @@ def write(destination: Any, name: str, array: np.ndarray) -> dict:
     return {"name": name, "nbytes": len(body), "crc": checksum(body)}
 
 
+def is_ref(value: Any) -> bool:
+    """Whether `value` is a file reference as `write` returns it."""
+    return isinstance(value, dict) and set(value) == {"name", "nbytes", "crc"}
+
+
 def read(reader: Any, ref: dict) -> np.ndarray:
     """The array a reference names, checked (size, CRC-32, header); Damaged otherwise."""
     name, nbytes = ref["name"], int(ref["nbytes"])
