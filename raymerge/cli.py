@@ -253,7 +253,7 @@ def plan(
     from raymerge.config import load_spec
     from raymerge.errors import ConfigError
     from raymerge.methods import REGISTRY
-    from raymerge.plan import make_plan
+    from raymerge.plan import make_plan, split_problem
     from raymerge.runner import default_worker_memory
     from raymerge.sizes import parse_size
 
@@ -274,7 +274,7 @@ def plan(
     method = REGISTRY[the_plan.method]
     largest = max(the_plan.units, key=lambda u: (u.io_bytes + u.scratch, u.nbytes))
     merged = [t for t in the_plan.tensors if t.op != "copy"]
-    whole_only = [t for t in merged if method.split_problem(len(t.shape), t.name)]
+    whole_only = [t for t in merged if split_problem(spec, t)]
     report = {
         "method": the_plan.method,
         "inputs": [

@@ -449,7 +449,7 @@ def make_plan(
     tensors = [_plan_tensor(spec, checkpoints, job, scratch_floor, vocabulary) for job in jobs]
     _check_across_tensors(spec, tensors)
     shards, placed = _layout(_group_into_shards(tensors, spec.shard_size))
-    parts = _cut_parts(shards, placed, spec.part_size, lambda t: _split_problem(spec, t))
+    parts = _cut_parts(shards, placed, spec.part_size, lambda t: split_problem(spec, t))
     units = _cut_units(spec, shards, placed, parts, worker_memory)
     stage = REGISTRY[spec.method.name].stage  # its own inputs are checked last: they cost most
     stage_plan = None if stage is None else stage.plan(spec, checkpoints, tensors, worker_memory)
@@ -683,7 +683,7 @@ def _pieces(
     return [Piece(index, lo, hi, False) for lo, hi in zip(cuts, cuts[1:])]
 
 
-def _split_problem(spec: MergeSpec, tensor: OutputTensor) -> str | None:
+def split_problem(spec: MergeSpec, tensor: OutputTensor) -> str | None:
     """Why the method cannot cut `tensor` into row ranges (None: it can, or copies it)."""
     if tensor.op == "copy":
         return None
@@ -691,7 +691,7 @@ def _split_problem(spec: MergeSpec, tensor: OutputTensor) -> str | None:
 
 
 def _check_splittable(spec: MergeSpec, tensor: OutputTensor, need: int, memory: int | None):
-    problem = _split_problem(spec, tensor)
+    problem = split_problem(spec, tensor)
     if problem is not None:
         raise ConfigError(_too_big(tensor, need, memory, problem))
 
