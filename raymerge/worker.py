@@ -244,8 +244,15 @@ class UnitRunner:
 
     def _arena_bytes(self, unit: Unit) -> int:
         """The unit's input bytes read into the arena, each rounded up to ALIGN."""
-        return sum(_aligned(n) for p in unit.pieces for _, source, start, n in
-                   self._source_reads(p) if not self._maps(source, start, n))  # fmt: skip
+        return sum(
+            self._arena_share(source, start, n)
+            for p in unit.pieces
+            for _, source, start, n in self._source_reads(p)
+        )
+
+    def _arena_share(self, source, start: int, nbytes: int) -> int:
+        """What one read takes of the arena: nothing when the file is mapped instead."""
+        return 0 if self._maps(source, start, nbytes) else _aligned(nbytes)
 
     def _maps(self, source, start: int, nbytes: int) -> bool:
         """Whether a read is served by mapping the file instead of copying it into the
@@ -588,8 +595,8 @@ def _fetch_shared(slot: _Slot, members: list[tuple[UnitRunner, Unit]],
     lead = members[0][0]
     with lead._fetching:  # each stage's time is counted once it holds its lock
         started = time.perf_counter()
-        slot.start_inputs(sum(_aligned(n) for runner, source, start, n in reads.values()
-                              if not runner._maps(source, start, n)))  # fmt: skip
+        slot.start_inputs(sum(runner._arena_share(source, start, n)
+                              for runner, source, start, n in reads.values()))  # fmt: skip
         got = {key: runner._read_source(slot, source, start, nbytes, result)
                for key, (runner, source, start, nbytes) in reads.items()}  # fmt: skip
         result.seconds_read = time.perf_counter() - started
