@@ -20,6 +20,13 @@ def _umask() -> int:
     return mask
 
 
+def _truncated(path: str, ends: int, expected: int) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: file ends at byte {ends}, but {expected} were expected (truncated file?); "
+        "re-download or re-save the checkpoint"
+    )
+
+
 class LocalSource:
     """Reads files under a folder (or a single file's folder)."""
 
@@ -54,10 +61,7 @@ class LocalSource:
             while done < len(buffer):
                 n = os.preadv(fd, [buffer[done:]], start + done)
                 if n == 0:
-                    raise CheckpointError(
-                        f"{path}: file ends at byte {start + done}, but {start + len(buffer)} "
-                        "were expected (truncated file?); re-download or re-save the checkpoint"
-                    )
+                    raise _truncated(path, start + done, start + len(buffer))
                 done += n
         finally:
             os.close(fd)
@@ -71,10 +75,7 @@ class LocalSource:
         try:
             size = os.fstat(fd).st_size
             if start + length > size:
-                raise CheckpointError(
-                    f"{path}: file ends at byte {size}, but {start + length} were expected "
-                    "(truncated file?); re-download or re-save the checkpoint"
-                )
+                raise _truncated(path, size, start + length)
             lead = start % mmap.ALLOCATIONGRANULARITY
             access = mmap.PROT_READ | mmap.PROT_WRITE
             region = mmap.mmap(fd, lead + length, mmap.MAP_PRIVATE, access, offset=start - lead)
